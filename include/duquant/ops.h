@@ -1,0 +1,48 @@
+// C++ API of the operator library (libduquant_ops.so). The TorchScript-visible operator is
+//
+//   duquant::w4a8_linear(Tensor x, Tensor smooth_inv, Tensor rotation1, Tensor permutation,
+//                        Tensor rotation2, Tensor packed_weight, Tensor weight_scale,
+//                        Tensor weight_zero, Tensor bias, int in_features, int group_size,
+//                        int act_bits, float act_clip) -> Tensor
+//
+// computing, for x of shape [..., in_features] (any float dtype; output has x's dtype):
+//   1. x <- x * smooth_inv                          (skipped when smooth_inv is empty)
+//   2. zero-pad to K = 2 * packed_weight.size(1) columns
+//   3. each block of b = rotation1.size(0) columns <- block @ rotation1      (skipped if empty)
+//   4. x <- x[:, permutation]                                                (skipped if empty)
+//   5. each block <- block @ rotation2                                       (skipped if empty)
+//   6. act_bits > 0: per-token symmetric quantization, scale_t = act_clip * max_k |x_tk| / qmax,
+//      q = clamp(round(x / scale_t), -qmax, qmax), qmax = 2^(act_bits-1) - 1; then
+//      y[t,n] = scale_t * sum_g weight_scale[n,g] * (sum_{k in g} q[t,k] w[n,k]
+//                                                   - weight_zero[n,g] * sum_{k in g} q[t,k])
+//      with the integer sums in int32 (w in 0..15 unpacked from packed_weight, w4a8_layout.h).
+//      act_bits <= 0: y = x @ (weight_scale * (w - weight_zero))^T in fp32.
+//   7. y += bias (skipped when empty).
+// weight_scale and weight_zero are float32 [N, G]; G = 1 (per output channel) when group_size
+// <= 0, else K / group_size groups of group_size consecutive k.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace duquant::ops {
+
+// Steps 1-5 above on a 2-D [T, in_features] tensor; returns float32 [T, padded_in_features].
+// The quantizer applies the same function to calibration activations, so that the offline and
+// online transforms cannot disagree.
+torch::Tensor apply_online_transform(const torch::Tensor& x, const torch::Tensor& smooth_inv,
+                                     const torch::Tensor& rotation1, const torch::Tensor& permutation,
+                                     const torch::Tensor& rotation2, int64_t padded_in_features);
+
+// uint8 [N, K] levels in 0..15 -> packed uint8 [N, K / 2] (layout of w4a8_layout.h), and back.
+torch::Tensor pack_int4(const torch::Tensor& levels);
+torch::Tensor unpack_int4(const torch::Tensor& packed);
+
+// Calls the registered operator (dispatches to the CPU or CUDA kernel by x's device).
+torch::Tensor w4a8_linear(const torch::Tensor& x, const torch::Tensor& smooth_inv,
+                          const torch::Tensor& rotation1, const torch::Tensor& permutation,
+                          const torch::Tensor& rotation2, const torch::Tensor& packed_weight,
+                          const torch::Tensor& weight_scale, const torch::Tensor& weight_zero,
+                          const torch::Tensor& bias, int64_t in_features, int64_t group_size,
+                          int64_t act_bits, double act_clip);
+
+}  // namespace duquant::ops

@@ -1,0 +1,38 @@
+// Weight quantization and packing (DESIGN.md section 4 step 6): asymmetric unsigned int4 per
+// output channel or per group along K, clipping ratio chosen per output channel by the output
+// error on the calibration sample, packed once in the kernels' layout (src/ops/w4a8_layout.h).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace duquant {
+
+struct WeightQuantOptions {
+  int64_t bits = 4;          // <= 4; levels 0..2^bits-1, always stored in 4-bit nibbles
+  int64_t group_size = -1;   // <= 0: one scale/zero per output channel
+  // Clipping ratios tried per output channel; with no calibration sample only the first is used.
+  std::vector<double> clip_ratios = {1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7};
+};
+
+struct QuantizedWeight {
+  torch::Tensor packed;  // uint8 [N, K / 2]
+  torch::Tensor scale;   // float32 [N, G]
+  torch::Tensor zero;    // float32 [N, G] (integer-valued zero points)
+  int64_t group_size = -1;
+  // ||X~ (W~ - deq(W~))^T|| / ||X~ W~^T|| on the calibration sample (NaN without one).
+  double output_relative_error = 0;
+  double mean_clip_ratio = 1.0;
+};
+
+// `weight` is the transformed float weight W~ [N, K] (K padded); `sample` is the transformed
+// calibration activation [T, K] or an undefined tensor (data-free: fixed first clip ratio).
+QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor& sample,
+                                const WeightQuantOptions& options);
+
+// deq(W~) = scale * (levels - zero), float32 [N, K]: what the integer kernels compute with.
+torch::Tensor dequantize_weight(const QuantizedWeight& weight);
+
+}  // namespace duquant

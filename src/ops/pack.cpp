@@ -1,0 +1,42 @@
+// Packing of unsigned int4 weight levels into the layout of w4a8_layout.h.
+#include "duquant/ops.h"
+#include "w4a8_layout.h"
+
+namespace duquant::ops {
+
+torch::Tensor pack_int4(const torch::Tensor& levels) {
+  TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == torch::kUInt8,
+              "duquant: pack_int4 expects uint8 [N, K] levels, got ", levels.scalar_type(), " ", levels.sizes());
+  const int64_t n_rows = levels.size(0), k = levels.size(1);
+  TORCH_CHECK(k % layout::kWeightsPerByte == 0, "duquant: pack_int4 needs an even K, got ", k);
+  TORCH_CHECK(levels.numel() == 0 || levels.max().item<int>() <= layout::kWeightMaxLevel,
+              "duquant: pack_int4 levels exceed ", layout::kWeightMaxLevel);
+  auto src = levels.contiguous();
+  auto packed = torch::zeros({n_rows, layout::packed_row_bytes(k)}, torch::kUInt8);
+  const uint8_t* in = src.data_ptr<uint8_t>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < n_rows; ++n) {
+    for (int64_t j = 0; j < k; ++j) {
+      out[layout::packed_byte_index(n, j, k)] |= static_cast<uint8_t>(in[n * k + j] << layout::nibble_shift(j));
+    }
+  }
+  return packed;
+}
+
+torch::Tensor unpack_int4(const torch::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8,
+              "duquant: unpack_int4 expects uint8 [N, K/2], got ", packed.scalar_type(), " ", packed.sizes());
+  auto src = packed.contiguous().cpu();
+  const int64_t n_rows = src.size(0), k = src.size(1) * layout::kWeightsPerByte;
+  auto levels = torch::empty({n_rows, k}, torch::kUInt8);
+  const uint8_t* in = src.data_ptr<uint8_t>();
+  uint8_t* out = levels.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < n_rows; ++n) {
+    for (int64_t j = 0; j < k; ++j) {
+      out[n * k + j] = static_cast<uint8_t>(layout::unpack_level(in[layout::packed_byte_index(n, j, k)], j));
+    }
+  }
+  return levels;
+}
+
+}  // namespace duquant::ops
