@@ -7,7 +7,7 @@ cd "$ROOT"
 
 TORCH_VERSION=2.11.0
 APT_PACKAGES=(cmake ninja-build g++ pkg-config python3-venv
-  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libgtest-dev)
+  libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do

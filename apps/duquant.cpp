@@ -1,0 +1,332 @@
+// duquant: select, quantize (W4A8 DuQuant), run and verify TorchScript pi0 models.
+//   duquant list MODEL                          which Linear layers would be quantized, and why
+//   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
+//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs
+//   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
+// Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <fmt/ostream.h>
+#include <torch/script.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+
+#include "duquant/calibrate.h"
+#include "duquant/config.h"
+#include "duquant/errors.h"
+#include "duquant/model_io.h"
+#include "duquant/ops.h"
+#include "duquant/quantize_model.h"
+#include "duquant/recipe.h"
+#include "duquant/report.h"
+#include "duquant/select.h"
+#include "duquant/swap.h"
+
+namespace {
+
+using namespace duquant;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// Settings that are switches on the command line ("--dry-run"), not "--key VALUE" options.
+bool is_switch(const std::string& key) { return key == "dry-run" || key == "include-action-head"; }
+
+struct SettingFlags {
+  std::map<std::string, std::string> values;
+  std::map<std::string, bool> switches;
+
+  void add_to(CLI::App& command) {
+    const Config defaults = Config::defaults();
+    for (const auto& setting : defaults.settings()) {
+      const std::string help = setting.environment.empty()
+                                   ? setting.help
+                                   : fmt::format("{} [{}{}]", setting.help, kEnvironmentPrefix, setting.environment);
+      if (is_switch(setting.key)) {
+        command.add_flag("--" + setting.key, switches[setting.key], help);
+      } else {
+        command.add_option("--" + setting.key, values[setting.key], help);
+      }
+    }
+  }
+
+  Config resolve(const CLI::App& command) const {
+    Config config = Config::defaults();
+    config.apply_environment([](const std::string& name) -> std::optional<std::string> {
+      const char* value = std::getenv(name.c_str());
+      return value ? std::optional<std::string>(value) : std::nullopt;
+    });
+    for (const auto& [key, value] : values) {
+      if (command.count("--" + key)) config.apply_flag(key, value);
+    }
+    for (const auto& [key, on] : switches) {
+      if (on) config.apply_flag(key, "1");
+    }
+    return config;
+  }
+};
+
+int list_or_dry_run(const torch::jit::Module& model, const Config& config, bool json) {
+  const auto recipe = QuantizeRecipe::from_config(config);
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  if (json) {
+    std::cout << selection_json(config, decisions, recipe).dump(2) << "\n";
+  } else {
+    print_configuration(config, std::cout);
+    print_selection(decisions, recipe, std::cout);
+  }
+  if (count_targets(decisions) == 0) {
+    std::cerr << "duquant: no Linear layer matched the selection; check SCOPE/INCLUDE/EXCLUDE/LAYERS\n";
+    return static_cast<int>(ExitCode::NoTargets);
+  }
+  return 0;
+}
+
+std::string default_report_path(const std::string& output) {
+  std::filesystem::path path(output);
+  return (path.parent_path() / (path.stem().string() + ".report.json")).string();
+}
+
+int quantize(const std::string& model_path, const std::string& output_path, const std::string& calibration_path,
+             bool data_free, std::string report_path, const Config& config) {
+  auto model = load_model(model_path);
+  if (config.get_bool("dry-run")) return list_or_dry_run(model, config, false);
+  if (output_path.empty()) throw UserError("quantize needs -o OUTPUT.pt (or --dry-run)", ExitCode::Usage);
+  if (calibration_path.empty() && !data_free) {
+    throw UserError("quantize needs calibration inputs (--calib INPUTS.pt); --data-free quantizes without them, "
+                    "less accurately",
+                    ExitCode::Usage);
+  }
+  if (report_path.empty()) report_path = default_report_path(output_path);
+  check_writable(output_path);
+  check_writable(report_path);
+  const auto recipe = QuantizeRecipe::from_config(config);
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  for (const auto& [path, bits] : recipe.layer_bits) {
+    const bool is_target = std::any_of(decisions.begin(), decisions.end(),
+                                       [&](const LinearDecision& d) { return d.target && d.path == path; });
+    if (!is_target) {
+      throw UserError(fmt::format("WBITS names '{}', which is not a selected target layer", path), ExitCode::Usage);
+    }
+  }
+  print_configuration(config, std::cout);
+  std::cout << fmt::format("[DUQUANT] Matched Linear layers: {}\n", count_targets(decisions));
+  std::optional<ModelInputs> calibration;
+  if (!data_free) calibration = load_inputs(calibration_path);
+
+  const bool terminal = isatty(STDERR_FILENO);
+  const auto start = Clock::now();
+  auto result = quantize_model(model, decisions, recipe, calibration ? &*calibration : nullptr,
+                               [&](const LayerReport& layer, size_t done, size_t total) {
+                                 std::cout << replaced_line(layer) << "\n";
+                                 if (terminal) fmt::print(stderr, "\r[{}/{}] {:.0f} s", done, total, seconds_since(start));
+                               });
+  if (terminal) fmt::print(stderr, "\n");
+  std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
+  print_component_table(decisions, std::cout);
+  save_model_atomically(result.model, output_path);
+  write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
+                        report_path);
+  std::cout << fmt::format("[DUQUANT] calibration {:.1f} s, transform+quantize {:.1f} s, total {:.1f} s\n",
+                           result.calibration_seconds, result.transform_seconds, seconds_since(start));
+  std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", output_path,
+                           std::filesystem::file_size(output_path) / 1048576.0,
+                           std::filesystem::file_size(model_path) / 1048576.0, report_path);
+  return 0;
+}
+
+torch::Tensor output_tensor(const torch::jit::IValue& output) {
+  if (output.isTensor()) return output.toTensor();
+  if (output.isTuple() && output.toTupleRef().elements().size() > 0 && output.toTupleRef().elements()[0].isTensor()) {
+    return output.toTupleRef().elements()[0].toTensor();
+  }
+  throw UserError("the model's forward does not return a tensor (or a tuple starting with one)");
+}
+
+torch::Device parse_device(const std::string& name) {
+  if (name == "cpu") return torch::kCPU;
+  if (name == "cuda") {
+    if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
+    return torch::kCUDA;
+  }
+  throw UserError(fmt::format("--device '{}' is unknown; use cpu or cuda", name), ExitCode::Usage);
+}
+
+int run(const std::string& model_path, const std::string& inputs_path, const std::string& save_path,
+        const std::string& device_name) {
+  const auto device = parse_device(device_name);
+  auto model = load_model(model_path);
+  auto inputs = load_inputs(inputs_path);
+  if (!save_path.empty()) check_writable(save_path);
+  model.to(device);  // by device only: Module::to(dtype) would cast the packed weights (DESIGN 5)
+  for (auto& value : inputs.values) {
+    if (value.isTensor()) value = value.toTensor().to(device);
+  }
+  const auto start = Clock::now();
+  const auto output = output_tensor(run_forward(model, inputs)).to(torch::kCPU);
+  const double seconds = seconds_since(start);
+  const auto as_float = output.to(torch::kFloat);
+  std::cout << fmt::format("[DUQUANT] ran {} on {}: output {} {} in {:.3f} s; mean {:.6g}, std {:.6g}, max |y| {:.6g}\n",
+                           model_path, device_name, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
+                           seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
+                           as_float.abs().max().item<double>());
+  if (!save_path.empty()) {
+    torch::jit::Module container(c10::QualifiedName("__torch__.duquant.Output"),
+                                 std::make_shared<torch::jit::CompilationUnit>());
+    container.register_buffer("output", output);
+    save_model_atomically(container, save_path);
+    std::cout << fmt::format("[DUQUANT] wrote output to {}\n", save_path);
+  }
+  return 0;
+}
+
+struct ErrorFigures {
+  double relative_l2 = 0, cosine = 0, max_abs = 0;
+};
+
+ErrorFigures compare(const torch::Tensor& approximate, const torch::Tensor& exact) {
+  const auto a = approximate.to(torch::kDouble).flatten(), e = exact.to(torch::kDouble).flatten();
+  ErrorFigures figures;
+  figures.relative_l2 = ((a - e).norm() / e.norm().clamp_min(1e-30)).item<double>();
+  figures.cosine = (a.dot(e) / (a.norm() * e.norm()).clamp_min(1e-30)).item<double>();
+  figures.max_abs = (a - e).abs().max().item<double>();
+  return figures;
+}
+
+int verify(const std::string& original_path, const std::string& quantized_path, const std::string& inputs_path,
+           const std::string& json_path, int64_t rows) {
+  auto original = load_model(original_path);
+  auto quantized = load_model(quantized_path);
+  const auto inputs = load_inputs(inputs_path);
+  if (!json_path.empty()) check_writable(json_path);
+
+  std::vector<std::string> layers;
+  std::map<std::string, torch::jit::Module> quantized_layers;
+  for (const auto& item : quantized.named_modules()) {
+    if (is_quantized_linear(item.value)) {
+      layers.push_back(item.name);
+      quantized_layers.emplace(item.name, item.value);
+    }
+  }
+  if (layers.empty()) throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
+
+  const auto exact = output_tensor(run_forward(original, inputs));
+  const auto approximate = output_tensor(run_forward(quantized, inputs));
+  if (exact.sizes() != approximate.sizes()) {
+    throw UserError("the two models' outputs differ in shape; are they the same model?");
+  }
+  const auto end_to_end = compare(approximate, exact);
+
+  // Per layer: the W4A8 layer and the original float layer on the same observed input rows.
+  torch::NoGradGuard no_grad;
+  const auto statistics = calibrate(original, layers, inputs, rows);
+  std::map<std::string, torch::jit::Module> originals;
+  for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
+  std::vector<std::pair<std::string, ErrorFigures>> per_layer;
+  for (const auto& path : layers) {
+    const auto& sample = statistics.at(path).sample;
+    const auto& linear = originals.at(path);
+    const auto bias = linear.attr("bias");
+    const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
+                                         bias.isTensor() ? bias.toTensor().to(torch::kFloat) : torch::Tensor());
+    const auto s = W4A8LinearClass::read(quantized_layers.at(path));
+    const auto output = ops::w4a8_linear(sample, s.smooth_inv, s.rotation1, s.permutation, s.rotation2, s.packed_weight,
+                                         s.weight_scale, s.weight_zero, s.bias, s.in_features, s.group_size, s.act_bits,
+                                         s.act_clip);
+    per_layer.emplace_back(path, compare(output, reference));
+  }
+  std::sort(per_layer.begin(), per_layer.end(),
+            [](const auto& a, const auto& b) { return a.second.relative_l2 > b.second.relative_l2; });
+
+  std::cout << fmt::format("[DUQUANT][VERIFY] end-to-end: relative L2 {:.4e}, cosine {:.6f}, max abs {:.4e}\n",
+                           end_to_end.relative_l2, end_to_end.cosine, end_to_end.max_abs);
+  std::cout << fmt::format("[DUQUANT][VERIFY] per-layer output error, worst first ({} layers):\n", per_layer.size());
+  for (const auto& [path, figures] : per_layer) {
+    std::cout << fmt::format("  {:<70} {:<17} rel L2 {:.4e}  cosine {:.6f}\n", path,
+                             component_name(classify_component(path)), figures.relative_l2, figures.cosine);
+  }
+  if (!json_path.empty()) {
+    nlohmann::json json;
+    json["end_to_end"] = {{"relative_l2", end_to_end.relative_l2}, {"cosine", end_to_end.cosine},
+                          {"max_abs", end_to_end.max_abs}};
+    for (const auto& [path, figures] : per_layer) {
+      json["layers"].push_back({{"path", path}, {"component", component_name(classify_component(path))},
+                                {"relative_l2", figures.relative_l2}, {"cosine", figures.cosine},
+                                {"max_abs", figures.max_abs}});
+    }
+    write_text_atomically(json.dump(2) + "\n", json_path);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"duquant: W4A8 DuQuant quantization of TorchScript pi0 models"};
+  app.require_subcommand(1);
+
+  std::string model_path, output_path, calibration_path, report_path, inputs_path, save_path, json_path;
+  std::string quantized_path, device = "cpu";
+  bool json = false, data_free = false;
+  int64_t rows = 256;
+
+  auto* list = app.add_subcommand("list", "show which Linear layers would be quantized, and which rule decided each");
+  list->add_option("model", model_path, "TorchScript model (.pt)")->required();
+  list->add_flag("--json", json, "print JSON instead of text");
+  SettingFlags list_flags;
+  list_flags.add_to(*list);
+
+  auto* quantize_command = app.add_subcommand("quantize", "quantize the selected layers to W4A8 DuQuant");
+  quantize_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
+  quantize_command->add_option("-o,--output", output_path, "quantized TorchScript model to write");
+  quantize_command->add_option("--calib", calibration_path, "calibration inputs (.inputs.pt container)");
+  quantize_command->add_flag("--data-free", data_free, "quantize without calibration data (less accurate)");
+  quantize_command->add_option("--report", report_path, "JSON report (default: OUTPUT stem + .report.json)");
+  SettingFlags quantize_flags;
+  quantize_flags.add_to(*quantize_command);
+
+  auto* run_command = app.add_subcommand("run", "run a model (quantized or not) on saved inputs");
+  run_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
+  run_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
+  run_command->add_option("--save", save_path, "write the output tensor (TorchScript container, buffer 'output')");
+  run_command->add_option("--device", device, "cpu or cuda");
+
+  auto* verify_command = app.add_subcommand("verify", "compare a quantized model with its original");
+  verify_command->add_option("original", model_path, "original TorchScript model")->required();
+  verify_command->add_option("quantized", quantized_path, "quantized TorchScript model")->required();
+  verify_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
+  verify_command->add_option("--json", json_path, "write the figures as JSON");
+  verify_command->add_option("--rows", rows, "token rows per layer for the per-layer errors");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    const int code = app.exit(error);
+    return code == 0 ? 0 : static_cast<int>(ExitCode::Usage);
+  }
+  try {
+    if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
+    if (quantize_command->parsed()) {
+      return quantize(model_path, output_path, calibration_path, data_free, report_path,
+                      quantize_flags.resolve(*quantize_command));
+    }
+    if (run_command->parsed()) return run(model_path, inputs_path, save_path, device);
+    if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);
+  } catch (const UserError& error) {
+    std::cerr << "duquant: error: " << error.what() << "\n";
+    return static_cast<int>(error.code());
+  } catch (const c10::Error& error) {
+    std::cerr << "duquant: error: " << error.what_without_backtrace() << "\n";
+    return static_cast<int>(ExitCode::Failure);
+  } catch (const std::exception& error) {
+    std::cerr << "duquant: error: " << error.what() << "\n";
+    return static_cast<int>(ExitCode::Failure);
+  }
+  return 0;
+}

@@ -1,0 +1,37 @@
+// Reading and writing the files the tool works on, with one-line errors that name the fix.
+#pragma once
+
+#include <torch/script.h>
+
+#include <string>
+#include <vector>
+
+namespace duquant {
+
+// Loads a TorchScript archive on the CPU. UserError for a missing file, a file that is not a
+// TorchScript archive (including torch.save pickles), a corrupt/truncated archive, or a model
+// the tool cannot rewrite (frozen: no submodules left).
+torch::jit::Module load_model(const std::string& path);
+
+// Example/calibration inputs: a TorchScript container module with buffers arg0..argN-1 in
+// forward order and a List[str] attribute arg_names (written by scripts/make_pi0.py).
+struct ModelInputs {
+  std::vector<std::string> names;
+  std::vector<torch::jit::IValue> values;
+};
+ModelInputs load_inputs(const std::string& path);
+
+// "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
+std::string forward_signature(const torch::jit::Module& model);
+
+// Runs model.forward on the inputs under NoGradGuard; a mismatch becomes a UserError that names
+// the expected signature and the given inputs.
+torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inputs);
+
+// Fails early (before any work) when `path` cannot be written; writes go to a temporary file in
+// the same directory and are renamed over `path` only when complete.
+void check_writable(const std::string& path);
+void save_model_atomically(const torch::jit::Module& model, const std::string& path);
+void write_text_atomically(const std::string& text, const std::string& path);
+
+}  // namespace duquant

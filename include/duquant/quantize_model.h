@@ -1,0 +1,53 @@
+// The one entry point: quantize the selected Linear layers of a TorchScript model.
+//   calibrate (observe inputs) -> transform (DuQuant, per shared input) -> quantize/pack weights
+//   -> swap the targets for W4A8Linear modules.
+#pragma once
+
+#include <torch/script.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "duquant/model_io.h"
+#include "duquant/recipe.h"
+#include "duquant/select.h"
+
+namespace duquant {
+
+struct LayerReport {
+  std::string path;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int64_t padded_in_features = 0;
+  int64_t weight_bits = 4;
+  std::string handling;       // QuantizeRecipe::describe
+  std::string shares_input_with;  // first layer of the group sharing this layer's transform
+  int64_t rotation1_steps = 0;
+  int64_t rotation2_steps = 0;
+  double peak_to_mean_before = 0;
+  double peak_to_mean_after = 0;
+  double weight_output_error = 0;  // relative, on the calibration sample (NaN data-free)
+  double layer_output_error = 0;   // W4A8 layer vs float layer on the calibration sample
+  double mean_clip_ratio = 1;
+};
+
+struct QuantizeResult {
+  torch::jit::Module model;
+  std::vector<LayerReport> layers;
+  double calibration_seconds = 0;
+  double transform_seconds = 0;
+  int64_t calibration_rows = 0;
+  bool data_free = false;
+};
+
+// Called after each layer is quantized (for the per-layer log line and progress).
+using LayerCallback = std::function<void(const LayerReport&, size_t done, size_t total)>;
+
+// `calibration` null: data-free mode (no smoothing statistics: unit activation statistics, fixed
+// clipping; documented as less accurate). The original model is left untouched and usable.
+QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
+                              const QuantizeRecipe& recipe, const ModelInputs* calibration,
+                              const LayerCallback& on_layer = {});
+
+}  // namespace duquant

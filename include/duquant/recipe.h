@@ -1,0 +1,30 @@
+// One quantization recipe (in the manner of torchao's config objects): everything that decides
+// what a target layer becomes, built from the effective Config.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "duquant/config.h"
+#include "duquant/quantize.h"
+#include "duquant/transform.h"
+
+namespace duquant {
+
+struct QuantizeRecipe {
+  TransformOptions transform;
+  WeightQuantOptions weights;                  // bits = WBITS_DEFAULT
+  std::map<std::string, int64_t> layer_bits;   // WBITS overrides by exact path
+  int64_t act_bits = 8;                        // <= 0: no activation quantization
+  double act_clip = 1.0;
+  int64_t calibration_rows = 256;
+
+  // UserError(Usage) for out-of-range values (bits, block not a power of two, ...).
+  static QuantizeRecipe from_config(const Config& config);
+  int64_t weight_bits(const std::string& path) const;
+  // "W4 A8 duquant, block 128: 16 blocks" / "... in_features 1152 zero-padded to 1280 (10 blocks)"
+  std::string describe(const std::string& path, int64_t in_features) const;
+};
+
+}  // namespace duquant

@@ -1,0 +1,60 @@
+// Target selection (DESIGN.md section 2): which nn.Linear modules of a TorchScript model become
+// W4A8 layers, and for every Linear the rule that decided it.
+#pragma once
+
+#include <torch/script.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "duquant/config.h"
+#include "duquant/python_regex.h"
+
+namespace duquant {
+
+// pi0 components of the user's verification note, in report order.
+enum class Component { VisionTower, Projector, LlmAttention, LlmMlp, ExpertAttention, ExpertMlp, Other };
+const std::vector<Component>& all_components();
+std::string component_name(Component component);
+Component classify_component(const std::string& path);
+
+struct SelectionRules {
+  std::string scope;
+  std::optional<PythonRegex> include;  // empty pattern: everything included
+  std::optional<PythonRegex> exclude;  // empty pattern: nothing excluded
+  std::vector<std::string> layers;     // when non-empty, include/exclude are ignored
+  bool include_action_head = false;
+
+  static SelectionRules from_config(const Config& config);
+};
+
+enum class Rule { Selected, OutsideScope, NotInLayerList, NotIncluded, Excluded, ActionHead, AlreadyQuantized };
+
+struct LinearDecision {
+  std::string path;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  bool has_bias = false;
+  Component component = Component::Other;
+  bool target = false;
+  Rule rule = Rule::Selected;
+  std::string detail;  // human-readable reason, e.g. "excluded by 'vision_tower'"
+};
+
+// "__torch__.torch.nn.modules.linear.___torch_mangle_7.Linear" -> "__torch__.torch.nn.modules.linear.Linear"
+std::string unmangled_type_name(const torch::jit::Module& module);
+bool is_linear(const torch::jit::Module& module);
+bool is_quantized_linear(const torch::jit::Module& module);
+
+// Every Linear (and already-quantized layer) of `model`, in module order, with its decision.
+// Throws UserError for a LAYERS entry that names no module or a non-Linear module, and for a scope
+// that matches no module path.
+std::vector<LinearDecision> select_linears(const torch::jit::Module& model, const SelectionRules& rules);
+
+// Per component: (number of Linear layers, number of targets).
+std::map<Component, std::pair<int64_t, int64_t>> count_by_component(const std::vector<LinearDecision>& decisions);
+
+}  // namespace duquant

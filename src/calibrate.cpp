@@ -1,0 +1,107 @@
+#include "duquant/calibrate.h"
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include "duquant/errors.h"
+#include "duquant/swap.h"
+#include "duquant/type_names.h"
+
+namespace duquant {
+namespace {
+
+std::vector<ScriptModuleClass::Attribute> observer_attributes() {
+  auto tensor = c10::TensorType::get();
+  return {{"weight", tensor, true},  {"bias", tensor, true},  {"has_bias", c10::BoolType::get()},
+          {"absmax", tensor, true},  {"sample", tensor, true}, {"sample_limit", c10::IntType::get()},
+          {"tokens", c10::IntType::get()}};
+}
+
+// The row sample is bounded: each call contributes rows at a stride that fits the limit, and when
+// the kept rows overflow it they are decimated by two, so long runs (10 expert steps) stay covered
+// from first to last call.
+constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.size(-1)).float()
+    self.absmax = torch.maximum(self.absmax, torch.amax(torch.abs(flat), [0], False))
+    self.tokens = self.tokens + flat.size(0)
+    step = max(1, flat.size(0) // self.sample_limit)
+    self.sample = torch.cat([self.sample, flat[::step]], 0)
+    while self.sample.size(0) > self.sample_limit:
+        self.sample = self.sample[::2]
+    bias: Optional[Tensor] = None
+    if self.has_bias:
+        bias = self.bias
+    return torch.linear(x, self.weight, bias)
+)";
+
+std::string parent_path(const std::string& path) {
+  const auto dot = path.rfind('.');
+  return dot == std::string::npos ? "" : path.substr(0, dot);
+}
+
+}  // namespace
+
+std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
+                                                 const std::vector<std::string>& targets, const ModelInputs& inputs,
+                                                 int64_t sample_rows) {
+  ScriptModuleClass observer_class(model._ivalue()->compilation_unit(), kObserverTypeName, observer_attributes(),
+                                   kObserverForward);
+  std::map<std::string, torch::jit::Module> observers;
+  std::map<std::string, torch::jit::Module> modules;
+  for (const auto& item : model.named_modules()) modules.emplace(item.name, item.value);
+  for (const auto& path : targets) {
+    const auto& linear = modules.at(path);
+    const auto weight = linear.attr("weight").toTensor();
+    const auto bias = linear.attr("bias");
+    const int64_t in_features = weight.size(1);
+    observers.emplace(path, observer_class.instantiate(
+                                method_names(linear),
+                                {weight, bias.isTensor() ? bias.toTensor() : torch::empty({0}, weight.options()),
+                                 bias.isTensor(), torch::zeros({in_features}), torch::zeros({0, in_features}),
+                                 sample_rows, int64_t{0}}));
+  }
+  auto observing = replace_submodules(model, observers);
+  run_forward(observing, inputs);
+
+  std::map<std::string, LayerStatistics> statistics;
+  for (const auto& [path, observer] : observers) {
+    LayerStatistics stats;
+    stats.absmax = observer.attr("absmax").toTensor();
+    stats.sample = observer.attr("sample").toTensor();
+    stats.tokens = observer.attr("tokens").toInt();
+    if (stats.tokens == 0) {
+      throw UserError(fmt::format("layer '{}' was not called by the model's forward on the calibration inputs; "
+                                  "exclude it or give inputs that reach it",
+                                  path));
+    }
+    if (!torch::isfinite(stats.absmax).all().item<bool>()) {
+      throw UserError(fmt::format("the input of layer '{}' contains NaN or Inf during calibration; check the "
+                                  "model weights and the calibration inputs",
+                                  path));
+    }
+    statistics.emplace(path, std::move(stats));
+  }
+  return statistics;
+}
+
+std::vector<std::vector<std::string>> shared_input_groups(const std::vector<std::string>& targets,
+                                                          const std::map<std::string, LayerStatistics>& statistics) {
+  std::vector<std::vector<std::string>> groups;
+  for (const auto& path : targets) {
+    const auto& stats = statistics.at(path);
+    bool placed = false;
+    for (auto& group : groups) {
+      const auto& leader = statistics.at(group.front());
+      if (parent_path(group.front()) == parent_path(path) && leader.tokens == stats.tokens &&
+          torch::equal(leader.absmax, stats.absmax) && leader.sample.sizes() == stats.sample.sizes() &&
+          torch::equal(leader.sample, stats.sample)) {
+        group.push_back(path);
+        placed = true;
+        break;
+      }
+    }
+    if (!placed) groups.push_back({path});
+  }
+  return groups;
+}
+
+}  // namespace duquant

@@ -1,0 +1,192 @@
+#include "duquant/model_io.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "duquant/errors.h"
+
+namespace duquant {
+namespace fs = std::filesystem;
+namespace {
+
+std::string first_line(const std::string& text) {
+  const auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+bool starts_with_zip_magic(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  char magic[4] = {};
+  file.read(magic, 4);
+  return file.gcount() == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
+}
+
+void require_readable_file(const std::string& path, const std::string& what) {
+  if (!fs::exists(path)) {
+    throw UserError(fmt::format("{} '{}' does not exist; check the path", what, path));
+  }
+  if (fs::is_directory(path)) {
+    throw UserError(fmt::format("{} '{}' is a directory; give the .pt file inside it", what, path));
+  }
+  if (!starts_with_zip_magic(path)) {
+    throw UserError(fmt::format("{} '{}' is not a TorchScript archive (no zip header); write it with "
+                                "torch.jit.save(torch.jit.script(model) or torch.jit.trace(...))",
+                                what, path));
+  }
+}
+
+torch::jit::Module load_archive(const std::string& path, const std::string& what) {
+  require_readable_file(path, what);
+  try {
+    return torch::jit::load(path, torch::kCPU);
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    if (message.find("constants.pkl") != std::string::npos || message.find("code/") != std::string::npos ||
+        message.find("version") != std::string::npos) {
+      throw UserError(fmt::format("{} '{}' is a zip archive but not TorchScript (a torch.save file?); export it "
+                                  "with torch.jit.script or torch.jit.trace and torch.jit.save",
+                                  what, path));
+    }
+    if (message.find("Unknown builtin op: duquant") != std::string::npos) {
+      throw UserError(fmt::format("{} '{}' needs the duquant operator library; load libduquant_ops.so first",
+                                  what, path));
+    }
+    throw UserError(fmt::format("{} '{}' is corrupt or truncated ({}); re-export or re-copy it", what, path,
+                                first_line(message)));
+  }
+}
+
+}  // namespace
+
+torch::jit::Module load_model(const std::string& path) {
+  auto model = load_archive(path, "model");
+  if (model.named_children().size() == 0 && model.named_parameters().size() == 0 &&
+      model.named_buffers().size() == 0) {
+    throw UserError(fmt::format("model '{}' has no submodules (a frozen TorchScript model?); quantize the "
+                                "unfrozen model and freeze afterwards",
+                                path));
+  }
+  return model;
+}
+
+ModelInputs load_inputs(const std::string& path) {
+  auto container = load_archive(path, "inputs file");
+  if (!container.hasattr("arg_names")) {
+    throw UserError(fmt::format("inputs file '{}' has no 'arg_names' attribute; write it with "
+                                "scripts/make_pi0.py or as a scripted container with buffers arg0..argN-1",
+                                path));
+  }
+  ModelInputs inputs;
+  for (const auto& name : container.attr("arg_names").toListRef()) inputs.names.push_back(name.toStringRef());
+  for (size_t i = 0; i < inputs.names.size(); ++i) {
+    const std::string slot = fmt::format("arg{}", i);
+    if (!container.hasattr(slot)) {
+      throw UserError(fmt::format("inputs file '{}' names {} arguments but has no '{}'", path, inputs.names.size(),
+                                  slot));
+    }
+    const auto value = container.attr(slot);
+    if (value.isTensor()) {
+      const auto tensor = value.toTensor();
+      if (tensor.is_floating_point() && !torch::isfinite(tensor).all().item<bool>()) {
+        throw UserError(fmt::format("inputs file '{}': {} contains NaN or Inf; give finite inputs", path,
+                                    inputs.names[i]));
+      }
+    }
+    inputs.values.push_back(value);
+  }
+  return inputs;
+}
+
+std::string forward_signature(const torch::jit::Module& model) {
+  const auto& schema = model.get_method("forward").function().getSchema();
+  std::vector<std::string> args;
+  for (size_t i = 1; i < schema.arguments().size(); ++i) {
+    args.push_back(fmt::format("{}: {}", schema.arguments()[i].name(), schema.arguments()[i].type()->str()));
+  }
+  return fmt::format("forward({})", fmt::join(args, ", "));
+}
+
+torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inputs) {
+  torch::NoGradGuard no_grad;
+  const auto& schema = model.get_method("forward").function().getSchema();
+  const size_t expected = schema.arguments().size() - 1;
+  size_t required = 0;
+  for (size_t i = 1; i < schema.arguments().size(); ++i) required += schema.arguments()[i].default_value() ? 0 : 1;
+  if (inputs.values.size() < required || inputs.values.size() > expected) {
+    throw UserError(fmt::format("the inputs ({}) do not fit the model's {}: {} given, {} expected; generate "
+                                "inputs for this model",
+                                fmt::join(inputs.names, ", "), forward_signature(model), inputs.values.size(),
+                                expected));
+  }
+  try {
+    return model.forward(inputs.values);
+  } catch (const c10::Error& error) {
+    throw UserError(fmt::format("the model's {} failed on the inputs ({}): {}", forward_signature(model),
+                                fmt::join(inputs.names, ", "), first_line(error.what_without_backtrace())));
+  }
+}
+
+void check_writable(const std::string& path) {
+  const fs::path target(path);
+  const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  if (!fs::is_directory(directory)) {
+    throw UserError(fmt::format("cannot write '{}': directory '{}' does not exist; create it first", path,
+                                directory.string()));
+  }
+  if (fs::is_directory(target)) {
+    throw UserError(fmt::format("cannot write '{}': it is a directory; give a file name", path));
+  }
+  if (access(directory.c_str(), W_OK) != 0) {
+    throw UserError(fmt::format("cannot write '{}': directory '{}' is not writable; choose another output path",
+                                path, directory.string()));
+  }
+}
+
+namespace {
+
+template <typename Writer>
+void write_atomically(const std::string& path, Writer&& write) {
+  check_writable(path);
+  const std::string temporary = fmt::format("{}.tmp{}", path, getpid());
+  try {
+    write(temporary);
+  } catch (...) {
+    std::remove(temporary.c_str());
+    throw;
+  }
+  std::error_code error;
+  fs::rename(temporary, path, error);
+  if (error) {
+    std::remove(temporary.c_str());
+    throw UserError(fmt::format("cannot write '{}': {}", path, error.message()));
+  }
+}
+
+}  // namespace
+
+void save_model_atomically(const torch::jit::Module& model, const std::string& path) {
+  write_atomically(path, [&](const std::string& temporary) {
+    try {
+      model.save(temporary);
+    } catch (const c10::Error& error) {
+      throw UserError(fmt::format("cannot write '{}': {}", path, first_line(error.what_without_backtrace())));
+    }
+  });
+}
+
+void write_text_atomically(const std::string& text, const std::string& path) {
+  write_atomically(path, [&](const std::string& temporary) {
+    std::ofstream file(temporary);
+    file << text;
+    file.close();
+    if (!file) throw UserError(fmt::format("cannot write '{}' (disk full?)", path));
+  });
+}
+
+}  // namespace duquant

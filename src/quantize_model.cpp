@@ -1,0 +1,180 @@
+#include "duquant/quantize_model.h"
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+
+#include "duquant/calibrate.h"
+#include "duquant/errors.h"
+#include "duquant/ops.h"
+#include "duquant/swap.h"
+
+namespace duquant {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// FNV-1a: a per-layer seed that is the same on every platform (std::hash is not specified).
+uint64_t path_seed(uint64_t seed, const std::string& path) {
+  uint64_t hash = 1469598103934665603ull ^ seed;
+  for (unsigned char c : path) hash = (hash ^ c) * 1099511628211ull;
+  return hash;
+}
+
+double relative_error(const torch::Tensor& approximate, const torch::Tensor& exact) {
+  const double norm = exact.to(torch::kDouble).norm().item<double>();
+  const double difference = (approximate.to(torch::kDouble) - exact.to(torch::kDouble)).norm().item<double>();
+  return norm > 0 ? difference / norm : difference;
+}
+
+// Data-free mode: no activation statistics. Unit channel maxima with alpha = 1 make smoothing the
+// identity, and a seeded Gaussian sample drives the rotations, so outliers are spread only as a
+// random rotation would (QuaRot-like); clipping uses the first fixed ratio. Less accurate.
+LayerStatistics synthetic_statistics(int64_t in_features, int64_t rows, uint64_t seed) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  LayerStatistics stats;
+  stats.absmax = torch::ones({in_features});
+  stats.sample = at::normal(0.0, 1.0, {rows, in_features}, generator);
+  stats.tokens = 0;
+  return stats;
+}
+
+}  // namespace
+
+QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
+                              const QuantizeRecipe& recipe, const ModelInputs* calibration,
+                              const LayerCallback& on_layer) {
+  torch::NoGradGuard no_grad;
+  std::vector<std::string> targets;
+  for (const auto& decision : decisions) {
+    if (decision.target) targets.push_back(decision.path);
+  }
+  if (targets.empty()) throw UserError("no Linear layer matched the selection; nothing to quantize", ExitCode::NoTargets);
+
+  std::map<std::string, torch::jit::Module> linears;
+  for (const auto& item : model.named_modules()) {
+    if (is_quantized_linear(item.value)) {
+      throw UserError(fmt::format("the model is already quantized ('{}' is a W4A8 layer); quantize the original "
+                                  "floating-point model",
+                                  item.name));
+    }
+    linears.emplace(item.name, item.value);
+  }
+  for (const auto& path : targets) {
+    const auto weight = linears.at(path).attr("weight").toTensor();
+    if (!torch::isfinite(weight).all().item<bool>()) {
+      throw UserError(fmt::format("layer '{}' has NaN or Inf weights; fix the checkpoint or exclude the layer", path));
+    }
+  }
+  check_targets_replaceable(model, targets);
+
+  QuantizeResult result;
+  result.data_free = calibration == nullptr;
+  result.calibration_rows = recipe.calibration_rows;
+  const auto calibration_start = Clock::now();
+  std::map<std::string, LayerStatistics> statistics;
+  std::vector<std::vector<std::string>> groups;
+  TransformOptions transform_options = recipe.transform;
+  WeightQuantOptions weight_options = recipe.weights;
+  if (calibration) {
+    statistics = calibrate(model, targets, *calibration, recipe.calibration_rows);
+    groups = shared_input_groups(targets, statistics);
+  } else {
+    transform_options.alpha = 1.0;
+    weight_options.clip_ratios.resize(1);
+    for (const auto& path : targets) {
+      const int64_t in_features = linears.at(path).attr("weight").toTensor().size(1);
+      statistics.emplace(path, synthetic_statistics(in_features, recipe.calibration_rows,
+                                                    path_seed(recipe.transform.seed, path)));
+      groups.push_back({path});
+    }
+  }
+  result.calibration_seconds = seconds_since(calibration_start);
+
+  const auto transform_start = Clock::now();
+  W4A8LinearClass w4a8_class(model._ivalue()->compilation_unit());
+  std::map<std::string, torch::jit::Module> replacements;
+  size_t done = 0;
+  for (const auto& group : groups) {
+    const auto& stats = statistics.at(group.front());
+    std::vector<torch::Tensor> weights;
+    for (const auto& path : group) weights.push_back(linears.at(path).attr("weight").toTensor().to(torch::kFloat));
+    TransformOptions options = transform_options;
+    options.seed = path_seed(recipe.transform.seed, group.front());
+    const LayerTransform transform = compute_transform(stats.absmax, stats.sample, weights, options);
+    const auto transformed_sample =
+        ops::apply_online_transform(stats.sample, transform.smooth_inv, transform.rotation1, transform.permutation,
+                                    transform.rotation2, transform.padded_in_features);
+
+    for (size_t i = 0; i < group.size(); ++i) {
+      const auto& path = group[i];
+      const auto& linear = linears.at(path);
+      WeightQuantOptions layer_weights = weight_options;
+      layer_weights.bits = recipe.weight_bits(path);
+      const auto quantized = quantize_weight(transform_weight(weights[i], transform),
+                                             calibration ? transformed_sample : torch::Tensor(), layer_weights);
+      const auto bias = linear.attr("bias");
+
+      W4A8LinearState state;
+      state.smooth_inv = transform.smooth_inv;
+      state.rotation1 = transform.rotation1;
+      state.permutation = transform.permutation;
+      state.rotation2 = transform.rotation2;
+      state.packed_weight = quantized.packed;
+      state.weight_scale = quantized.scale;
+      state.weight_zero = quantized.zero;
+      state.bias = bias.isTensor() ? bias.toTensor().to(torch::kFloat) : torch::Tensor();
+      state.in_features = weights[i].size(1);
+      state.out_features = weights[i].size(0);
+      state.group_size = quantized.group_size;
+      state.act_bits = recipe.act_bits;
+      state.act_clip = recipe.act_clip;
+
+      LayerReport report;
+      report.path = path;
+      report.in_features = state.in_features;
+      report.out_features = state.out_features;
+      report.padded_in_features = transform.padded_in_features;
+      report.weight_bits = layer_weights.bits;
+      report.handling = recipe.describe(path, state.in_features);
+      report.shares_input_with = i == 0 ? "" : group.front();
+      report.rotation1_steps = transform.rotation1_steps;
+      report.rotation2_steps = transform.rotation2_steps;
+      report.peak_to_mean_before = transform.peak_to_mean_before;
+      report.peak_to_mean_after = transform.peak_to_mean_after;
+      report.weight_output_error = quantized.output_relative_error;
+      report.mean_clip_ratio = quantized.mean_clip_ratio;
+      report.layer_output_error = std::numeric_limits<double>::quiet_NaN();
+      if (calibration) {
+        // The deployed operator on the calibration rows against the float layer.
+        const auto exact = torch::linear(stats.sample, weights[i], state.bias.defined() ? state.bias : torch::Tensor());
+        const auto approximate = ops::w4a8_linear(stats.sample, state.smooth_inv, state.rotation1, state.permutation,
+                                                  state.rotation2, state.packed_weight, state.weight_scale,
+                                                  state.weight_zero,
+                                                  state.bias.defined() ? state.bias : torch::empty({0}),
+                                                  state.in_features, state.group_size, state.act_bits, state.act_clip);
+        report.layer_output_error = relative_error(approximate, exact);
+      }
+      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state));
+      result.layers.push_back(report);
+      if (on_layer) on_layer(report, ++done, targets.size());
+    }
+  }
+  // Report in model order (groups can interleave when a parent holds several groups).
+  std::map<std::string, size_t> order;
+  for (size_t i = 0; i < targets.size(); ++i) order[targets[i]] = i;
+  std::sort(result.layers.begin(), result.layers.end(),
+            [&](const LayerReport& a, const LayerReport& b) { return order.at(a.path) < order.at(b.path); });
+  result.model = replace_submodules(model, replacements);
+  result.transform_seconds = seconds_since(transform_start);
+  return result;
+}
+
+}  // namespace duquant

@@ -1,0 +1,116 @@
+// The command line as a user's shell script sees it: the fork's log lines, exit codes, and a
+// one-line error naming problem and fix for every bad input, with no partial output left behind.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+
+#include "test_support.h"
+
+namespace duquant {
+namespace {
+
+using testing::fixture;
+using testing::run_cli;
+
+const std::string kNoteExclude =
+    "'(?:^|\\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\\.|$)'";
+
+int count_lines_starting(const std::string& text, const std::string& prefix) {
+  int count = 0;
+  std::istringstream stream(text);
+  std::string line;
+  while (std::getline(stream, line)) count += line.rfind(prefix, 0) == 0;
+  return count;
+}
+
+// Exactly one line of output, starting "duquant: error:".
+void expect_one_line_error(const testing::CommandResult& result, int exit_code, const std::string& mention) {
+  EXPECT_EQ(result.exit_code, exit_code) << result.output;
+  EXPECT_EQ(count_lines_starting(result.output, "duquant: error: "), 1) << result.output;
+  EXPECT_EQ(std::count(result.output.begin(), result.output.end(), '\n'), 1) << result.output;
+  EXPECT_NE(result.output.find(mention), std::string::npos) << result.output;
+}
+
+TEST(Cli, ListPrintsForkLinesAndComponentTable) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto result = run_cli("list " + model, "OPENPI_DUQUANT_EXCLUDE=" + kNoteExclude);
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("[DUQUANT] Matched Linear layers: 252\n"), std::string::npos);
+  EXPECT_NE(result.output.find("[DUQUANT] Dry-run total layers listed: 252\n"), std::string::npos);
+  EXPECT_EQ(count_lines_starting(result.output, "[DUQUANT][DRYRUN] "), 252);
+  EXPECT_TRUE(std::regex_search(
+      result.output, std::regex(R"(\[DUQUANT\]\[DRYRUN\] paligemma_with_expert\.paligemma\.model\.language_model\.layers\.0\.self_attn\.q_proj: Linear\(\d+->\d+\) -> W4 A8 duquant, block 128)")));
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\]\[SKIP\] \S+vision_tower\S+: Linear\(\d+->\d+\) excluded by 'vision_tower')")));
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] LLM attention +72 +72)")));
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] vision tower +162 +0)")));
+  EXPECT_NE(result.output.find("exclude"), std::string::npos);
+  EXPECT_NE(result.output.find("(env OPENPI_DUQUANT_EXCLUDE)"), std::string::npos);
+}
+
+TEST(Cli, FlagOverridesEnvironmentAndDryRunOfQuantizeWritesNothing) {
+  const auto model = fixture("pi0_tiny_trace.pt");
+  testing::require_fixture(model);
+  const auto out = testing::temporary_directory("dryrun") + "/q.pt";
+  const auto result = run_cli("quantize " + model + " -o " + out + " --dry-run --scope paligemma_with_expert.gemma_expert.",
+                              "OPENPI_DUQUANT_SCOPE=nothing. OPENPI_DUQUANT_EXCLUDE=" + kNoteExclude);
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("[DUQUANT] Dry-run total layers listed: 126\n"), std::string::npos);
+  EXPECT_NE(result.output.find("(flag --scope)"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST(Cli, JsonListing) {
+  const auto model = fixture("pi05_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto result = run_cli("list --json " + model + " --exclude " + kNoteExclude);
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("\"targets\": 252"), std::string::npos);
+  EXPECT_NE(result.output.find("\"rule\": \"excluded\""), std::string::npos);
+}
+
+TEST(Cli, NoMatchHasItsOwnExitCode) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto result = run_cli("list " + model + " --include nothing_matches_this");
+  EXPECT_EQ(result.exit_code, 3) << result.output;
+  EXPECT_NE(result.output.find("[DUQUANT] Matched Linear layers: 0"), std::string::npos);
+  EXPECT_NE(result.output.find("duquant: no Linear layer matched"), std::string::npos);
+}
+
+TEST(Cli, BadInputs) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto dir = testing::temporary_directory("badinputs");
+
+  expect_one_line_error(run_cli("list " + dir + "/missing.pt"), 1, "does not exist");
+
+  std::ofstream(dir + "/text.pt") << "not a model\n";
+  expect_one_line_error(run_cli("list " + dir + "/text.pt"), 1, "not a TorchScript archive");
+
+  {  // a truncated archive: the first half of a real one
+    std::ifstream in(model, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream(dir + "/truncated.pt", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  expect_one_line_error(run_cli("list " + dir + "/truncated.pt"), 1, "corrupt or truncated");
+
+  expect_one_line_error(run_cli("list " + model + " --exclude '(norm|ln'"), 2, "position");
+  expect_one_line_error(run_cli("list " + model + " --layers no.such.layer"), 2, "names no module");
+  expect_one_line_error(run_cli("list " + model + " --scope policy.dit."), 2, "matches no module path");
+  expect_one_line_error(run_cli("list " + model + " --block 100"), 2, "power of two");
+  expect_one_line_error(run_cli("list " + model + " --wbits-default 8"), 2, "weight bits");
+
+  const auto unknown = run_cli("list " + model + " --no-such-flag");
+  EXPECT_EQ(unknown.exit_code, 2) << unknown.output;
+  EXPECT_NE(unknown.output.find("no-such-flag"), std::string::npos);
+
+  expect_one_line_error(run_cli("quantize " + model + " -o /nonexistent_dir/q.pt --calib x"), 1, "does not exist");
+  expect_one_line_error(run_cli("quantize " + model + " -o " + dir + "/q.pt"), 2, "--calib");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/q.pt"));
+}
+
+}  // namespace
+}  // namespace duquant
