@@ -232,9 +232,9 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
   for (const auto& path : layers) {
     const auto& sample = statistics.at(path).sample;
     const auto& linear = originals.at(path);
-    const auto bias = linear.attr("bias");
+    const auto bias = linear_bias(linear);
     const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
-                                         bias.isTensor() ? bias.toTensor().to(torch::kFloat) : torch::Tensor());
+                                         bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
     const auto s = W4A8LinearClass::read(quantized_layers.at(path));
     const auto output = ops::w4a8_linear(sample, s.smooth_inv, s.rotation1, s.permutation, s.rotation2, s.packed_weight,
                                          s.weight_scale, s.weight_zero, s.bias, s.in_features, s.group_size, s.act_bits,

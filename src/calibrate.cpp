@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "duquant/errors.h"
+#include "duquant/select.h"
 #include "duquant/swap.h"
 #include "duquant/type_names.h"
 
@@ -51,12 +52,12 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
   for (const auto& path : targets) {
     const auto& linear = modules.at(path);
     const auto weight = linear.attr("weight").toTensor();
-    const auto bias = linear.attr("bias");
+    const auto bias = linear_bias(linear);
     const int64_t in_features = weight.size(1);
     observers.emplace(path, observer_class.instantiate(
                                 method_names(linear),
-                                {weight, bias.isTensor() ? bias.toTensor() : torch::empty({0}, weight.options()),
-                                 bias.isTensor(), torch::zeros({in_features}), torch::zeros({0, in_features}),
+                                {weight, bias.defined() ? bias : torch::empty({0}, weight.options()),
+                                 bias.defined(), torch::zeros({in_features}), torch::zeros({0, in_features}),
                                  sample_rows, int64_t{0}}));
   }
   auto observing = replace_submodules(model, observers);

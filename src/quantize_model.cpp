@@ -120,7 +120,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       layer_weights.bits = recipe.weight_bits(path);
       const auto quantized = quantize_weight(transform_weight(weights[i], transform),
                                              calibration ? transformed_sample : torch::Tensor(), layer_weights);
-      const auto bias = linear.attr("bias");
+      const auto bias = linear_bias(linear);
 
       W4A8LinearState state;
       state.smooth_inv = transform.smooth_inv;
@@ -130,7 +130,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       state.packed_weight = quantized.packed;
       state.weight_scale = quantized.scale;
       state.weight_zero = quantized.zero;
-      state.bias = bias.isTensor() ? bias.toTensor().to(torch::kFloat) : torch::Tensor();
+      state.bias = bias.defined() ? bias.to(torch::kFloat) : torch::Tensor();
       state.in_features = weights[i].size(1);
       state.out_features = weights[i].size(0);
       state.group_size = quantized.group_size;

@@ -80,6 +80,12 @@ std::string unmangled_type_name(const torch::jit::Module& module) {
 
 bool is_linear(const torch::jit::Module& module) { return unmangled_type_name(module) == kLinearTypeName; }
 
+torch::Tensor linear_bias(const torch::jit::Module& linear) {
+  if (!linear.hasattr("bias")) return {};
+  const auto bias = linear.attr("bias");
+  return bias.isTensor() ? bias.toTensor() : torch::Tensor();
+}
+
 bool is_quantized_linear(const torch::jit::Module& module) {
   return unmangled_type_name(module) == kQuantizedLinearTypeName;
 }
@@ -104,7 +110,7 @@ std::vector<LinearDecision> select_linears(const torch::jit::Module& model, cons
       const auto weight = item.value.attr("weight").toTensor();
       decision.out_features = weight.size(0);
       decision.in_features = weight.size(1);
-      decision.has_bias = item.value.hasattr("bias") && item.value.attr("bias").isTensor();
+      decision.has_bias = linear_bias(item.value).defined();
     } else {
       decision.in_features = item.value.attr("in_features").toInt();
       decision.out_features = item.value.attr("out_features").toInt();

@@ -47,6 +47,9 @@ struct LinearDecision {
 // "__torch__.torch.nn.modules.linear.___torch_mangle_7.Linear" -> "__torch__.torch.nn.modules.linear.Linear"
 std::string unmangled_type_name(const torch::jit::Module& module);
 bool is_linear(const torch::jit::Module& module);
+// The bias of an nn.Linear, or an undefined tensor: scripted Linears hold None, traced ones have no
+// attribute at all when there is no bias.
+torch::Tensor linear_bias(const torch::jit::Module& linear);
 bool is_quantized_linear(const torch::jit::Module& module);
 
 // Every Linear (and already-quantized layer) of `model`, in module order, with its decision.

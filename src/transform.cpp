@@ -1,0 +1,356 @@
+// The DuQuant transform of one layer: smoothing, greedy block rotation, zigzag permutation,
+// second greedy rotation (DESIGN.md section 4 steps 1-5; arXiv 2406.01721 sections 3.1-3.2).
+//
+// Deliberate departures from the public reference code (DESIGN.md section 4, "known defects"):
+//   - the greedy step picks the outlier *column* (the channel inside the block), not the row;
+//   - rotations are accumulated in float64, so the kept product is orthogonal to ~1e-12;
+//   - everything works on 2-D [tokens, channels] views, so the batch size cannot matter;
+//   - in_features not divisible by the block are zero-padded (exact: padded channels are zero
+//     in the activation and in the weight).
+// Everything runs on the CPU (the statistics are a few hundred tokens); inputs on another device
+// are copied, and every tensor returned is a CPU tensor.
+#include "duquant/transform.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "duquant/ops.h"
+#include "w4a8_layout.h"
+
+namespace duquant {
+namespace {
+
+// Seeds of the two rotations of one call, derived from TransformOptions::seed so that the two
+// rotations draw different Q' and the whole transform is a pure function of (data, options).
+// splitmix64 finaliser: neighbouring (seed, stage) pairs give unrelated generator seeds.
+uint64_t derive_seed(uint64_t seed, uint64_t stage) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (stage + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+constexpr uint64_t kRotation1Stage = 1;
+constexpr uint64_t kRotation2Stage = 2;
+
+bool is_power_of_two(int64_t value) { return value > 0 && (value & (value - 1)) == 0; }
+
+// Index vector exchanging 0 and d: indexing rows and columns of R~ with it gives E_d R~ E_d.
+torch::Tensor swap_zero_with(int64_t block_size, int64_t d) {
+  auto index = torch::arange(block_size, torch::kLong);
+  auto* data = index.data_ptr<int64_t>();
+  std::swap(data[0], data[d]);
+  return index;
+}
+
+// Largest |entry| of a contiguous, finite float32 [rows, b] tensor and its column; the greedy
+// loop calls this once per step, so it must cost far less than the step's GEMM. For finite
+// floats, |x| ordered as a float and the bit pattern with the sign cleared ordered as an
+// unsigned integer agree, and an unsigned max reduction vectorises without fast-math: a
+// read-only pass finds each chunk's maximum, then the first chunk holding the overall maximum
+// is scanned for its first occurrence. Ties thus go to the lowest flat index whatever the thread
+// count, which keeps the greedy path deterministic.
+double peak_entry(const torch::Tensor& blocks, int64_t& column) {
+  const float* data = blocks.data_ptr<float>();
+  const int64_t total = blocks.numel();
+  constexpr uint32_t kMagnitudeMask = 0x7fffffffu;
+  auto magnitude_bits = [&](int64_t i) {
+    uint32_t bits;
+    std::memcpy(&bits, data + i, sizeof(bits));
+    return bits & kMagnitudeMask;
+  };
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  std::vector<uint32_t> chunk_max(static_cast<size_t>((total + kChunk - 1) / kChunk), 0);
+  at::parallel_for(0, static_cast<int64_t>(chunk_max.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      uint32_t largest = 0;
+      const int64_t stop = std::min(total, (chunk + 1) * kChunk);
+      for (int64_t i = chunk * kChunk; i < stop; ++i) {
+        const uint32_t bits = magnitude_bits(i);
+        largest = bits > largest ? bits : largest;
+      }
+      chunk_max[static_cast<size_t>(chunk)] = largest;
+    }
+  });
+  const auto winner = std::max_element(chunk_max.begin(), chunk_max.end());  // first of equals
+  const uint32_t peak_bits = *winner;
+  int64_t index = (winner - chunk_max.begin()) * kChunk;
+  while (magnitude_bits(index) != peak_bits) ++index;
+  column = index % blocks.size(1);
+  float peak;
+  std::memcpy(&peak, &peak_bits, sizeof(peak));
+  return peak;
+}
+
+// max_j max_t |x_tj| / mean_j max_t |x_tj| over the columns of a [T, C] sample.
+double peak_to_mean(const torch::Tensor& sample) {
+  if (!sample.defined() || sample.numel() == 0) return std::numeric_limits<double>::quiet_NaN();
+  auto channel_absmax = sample.abs().amax(0).to(torch::kDouble);
+  return channel_absmax.max().item<double>() / channel_absmax.mean().item<double>();
+}
+
+// The column maxima of the weights that share the input (q/k/v or gate/up): smoothing must suit
+// all of them, since they will all be multiplied by the same s.
+torch::Tensor shared_weight_absmax(const std::vector<torch::Tensor>& weights, int64_t in_features) {
+  TORCH_CHECK(!weights.empty(), "duquant: smoothing needs the weights of the layer(s) sharing the input");
+  torch::Tensor absmax;
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, "duquant: weight of shape ", weight.sizes(),
+                " does not take ", in_features, " input features");
+    auto column_absmax = weight.detach().to(torch::kCPU, torch::kFloat).abs().amax(0);
+    absmax = absmax.defined() ? torch::maximum(absmax, column_absmax) : column_absmax;
+  }
+  return absmax;
+}
+
+}  // namespace
+
+Method parse_method(const std::string& name) {
+  if (name == "rtn") return Method::Rtn;
+  if (name == "smooth") return Method::Smooth;
+  if (name == "duquant") return Method::DuQuant;
+  throw std::invalid_argument("duquant: unknown method '" + name + "' (expected rtn, smooth or duquant)");
+}
+
+std::string method_name(Method method) {
+  switch (method) {
+    case Method::Rtn:
+      return "rtn";
+    case Method::Smooth:
+      return "smooth";
+    case Method::DuQuant:
+      return "duquant";
+  }
+  throw std::invalid_argument("duquant: invalid Method value");
+}
+
+torch::Tensor smoothing_scales(const torch::Tensor& activation_absmax, const torch::Tensor& weight_absmax,
+                               double alpha) {
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "duquant: smoothing alpha must lie in [0, 1], got ", alpha);
+  auto act = activation_absmax.detach().to(torch::kCPU, torch::kDouble).flatten();
+  auto wgt = weight_absmax.detach().to(torch::kCPU, torch::kDouble).flatten();
+  TORCH_CHECK(act.numel() == wgt.numel(), "duquant: smoothing needs one activation and one weight maximum per channel (",
+              act.numel(), " vs ", wgt.numel(), ")");
+  // SmoothQuant / DuQuant section 3.1 migration: s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha),
+  // floored at 1e-5 so that 1/s stays finite.
+  auto scales = (act.pow(alpha) / wgt.pow(1.0 - alpha)).clamp_min(1e-5);
+  // A channel never seen in calibration (max|X_j| = 0) or unused by every weight
+  // (max|W_:,j| = 0) carries no magnitude to balance; s = 1 leaves it untouched rather than
+  // dividing a later non-zero activation by 1e-5 or by infinity.
+  auto degenerate = (act <= 0) | (wgt <= 0) | scales.isinf() | scales.isnan();
+  scales = torch::where(degenerate, torch::ones_like(scales), scales);
+  return scales.to(torch::kFloat);
+}
+
+torch::Tensor base_rotation(int64_t block_size, uint64_t seed) {
+  TORCH_CHECK(block_size >= 1, "duquant: rotation block must be positive, got ", block_size);
+  const int64_t b = block_size;
+  // Givens elimination of u = (1, ..., 1) / sqrt(b): rotations in the planes (0,1), (1,2), ...,
+  // (b-2,b-1) move all of u into its last coordinate, so G u = e_{b-1} and, G being orthogonal,
+  // row b-1 of G is u. Exchanging rows and columns 0 and b-1 then puts the uniform row first:
+  // x R~ for x = c e_d (one outlier in channel d, after the E_d exchange below) is c u, the
+  // outlier spread evenly over the block (arXiv 2406.01721 section 3.1, rotation).
+  auto givens = torch::eye(b, torch::kDouble);
+  auto* g = givens.data_ptr<double>();
+  std::vector<double> u(static_cast<size_t>(b), 1.0 / std::sqrt(static_cast<double>(b)));
+  for (int64_t i = 0; i + 1 < b; ++i) {
+    const double radius = std::hypot(u[i], u[i + 1]);
+    const double c = u[i + 1] / radius, s = u[i] / radius;
+    for (int64_t col = 0; col < b; ++col) {
+      const double top = g[i * b + col], bottom = g[(i + 1) * b + col];
+      g[i * b + col] = c * top - s * bottom;
+      g[(i + 1) * b + col] = s * top + c * bottom;
+    }
+    u[i] = 0.0;
+    u[i + 1] = radius;
+  }
+  auto exchange = swap_zero_with(b, b - 1);
+  auto uniform_first = givens.index_select(0, exchange).index_select(1, exchange);
+
+  // Q': Haar-random orthogonal (b-1)x(b-1) from the QR of a seeded Gaussian, with the signs of
+  // R's diagonal folded into Q so the distribution is uniform and the result unique per seed.
+  // It multiplies from the left, mixing rows 1..b-1 only: the uniform row 0 must survive.
+  auto mixing = torch::eye(b, torch::kDouble);
+  if (b > 1) {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+    auto gaussian = torch::randn({b - 1, b - 1}, generator, torch::kDouble);
+    auto [q, r] = torch::linalg_qr(gaussian);
+    auto signs = torch::sign(r.diagonal());
+    signs = torch::where(signs == 0, torch::ones_like(signs), signs);
+    mixing.slice(0, 1).slice(1, 1).copy_(q * signs.unsqueeze(0));
+  }
+  return mixing.matmul(uniform_first);
+}
+
+GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed) {
+  TORCH_CHECK(blocks.dim() == 2, "duquant: greedy rotation expects [rows, block] blocks, got ", blocks.sizes());
+  const int64_t b = blocks.size(1);
+  GreedyRotation result;
+  result.rotation = torch::eye(b, torch::kDouble);
+  if (blocks.size(0) == 0 || max_steps <= 0 || b < 2) return result;
+
+  // Only rows that can hold the peak are rotated. A rotation keeps every row's norm, an entry
+  // never exceeds its row's norm, and the largest row keeps an entry >= its norm / sqrt(b): a
+  // row whose norm is below that bound can never be the peak nor decide the outlier column, at
+  // any step. Dropping it changes nothing but the cost, which on outlier-heavy activations falls
+  // from every block of every token to the few blocks that carry the outliers.
+  auto rows = blocks.detach().to(torch::kCPU, torch::kFloat);
+  TORCH_CHECK(torch::isfinite(rows).all().item<bool>(), "duquant: activation blocks have non-finite entries");
+  const auto row_norms = rows.norm(2, 1);
+  const double norm_bound = row_norms.max().item<double>() / std::sqrt(static_cast<double>(b));
+  // The margin covers the rounding of the float32 norms; keeping a few extra rows is harmless.
+  const auto candidates = torch::nonzero(row_norms >= norm_bound * (1.0 - 1e-4)).flatten();
+
+  const auto base = base_rotation(b, seed);
+  const auto base_float = base.to(torch::kFloat);
+  // The working copy of the blocks is float32 (one GEMM per step is the whole cost); only the
+  // peak and the outlier position are read from it. The rotation itself is accumulated in
+  // float64 so the kept product stays orthogonal however many steps are chained.
+  auto current = rows.index_select(0, candidates).contiguous();
+  auto next = torch::empty_like(current);
+  auto accumulated = torch::eye(b, torch::kDouble);
+
+  int64_t outlier_column = 0;
+  double best_peak = peak_entry(current, outlier_column);
+  for (int64_t step = 0; step < max_steps && best_peak > 0; ++step) {
+    // R_k = E_d R~ E_d: R~'s uniform first row moved to the outlier channel d, so the largest
+    // entry is spread over its whole block (section 3.1; the reference code wrongly takes the
+    // row index of the largest entry here).
+    const auto exchange = swap_zero_with(b, outlier_column);
+    at::matmul_out(next, current, base_float.index_select(0, exchange).index_select(1, exchange));
+    std::swap(current, next);
+    accumulated = accumulated.matmul(base.index_select(0, exchange).index_select(1, exchange));
+    const double peak = peak_entry(current, outlier_column);
+    // Keep the prefix with the lowest peak: later steps may undo earlier gains.
+    if (peak < best_peak) {
+      best_peak = peak;
+      result.steps = step + 1;
+      result.rotation = accumulated.clone();
+    }
+  }
+  return result;
+}
+
+torch::Tensor ZigzagPermutation::compute(const torch::Tensor& channel_absmax, int64_t block_size) {
+  auto magnitudes = channel_absmax.detach().to(torch::kCPU, torch::kFloat).flatten().contiguous();
+  const int64_t channels = magnitudes.numel();
+  TORCH_CHECK(block_size > 0 && channels % block_size == 0, "duquant: zigzag permutation of ", channels,
+              " channels into blocks of ", block_size, " needs a whole number of blocks");
+  const int64_t num_blocks = channels / block_size;
+  // Stable descending sort: equal magnitudes (e.g. the zero padding) keep index order, so the
+  // permutation is deterministic.
+  auto order = std::get<1>(magnitudes.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
+  const auto* ranked = order.data_ptr<int64_t>();
+
+  // Section 3.2 zigzag: deal the channels, largest first, to blocks 0,1,..,K-1,K-1,..,1,0,0,1,..
+  // so every block receives a balanced share of the outliers; within a block the dealing order
+  // (descending magnitude) is kept.
+  std::vector<std::vector<int64_t>> members(static_cast<size_t>(num_blocks));
+  for (int64_t rank = 0; rank < channels; ++rank) {
+    const int64_t phase = rank % (2 * num_blocks);
+    const int64_t block = phase < num_blocks ? phase : 2 * num_blocks - 1 - phase;
+    members[static_cast<size_t>(block)].push_back(ranked[rank]);
+  }
+  auto permutation = torch::empty({channels}, torch::kLong);
+  auto* out = permutation.data_ptr<int64_t>();
+  for (const auto& block : members) out = std::copy(block.begin(), block.end(), out);
+  return permutation;
+}
+
+LayerTransform compute_transform(const torch::Tensor& activation_absmax, const torch::Tensor& activation_sample,
+                                 const std::vector<torch::Tensor>& weights, const TransformOptions& options) {
+  const auto absmax = activation_absmax.detach().to(torch::kCPU, torch::kFloat).flatten();
+  const int64_t in_features = absmax.numel();
+  TORCH_CHECK(in_features > 0, "duquant: empty activation statistics");
+  // Any leading (batch, sequence) dimensions are tokens: work on [T, C].
+  torch::Tensor sample;
+  if (activation_sample.defined() && activation_sample.numel() > 0) {
+    TORCH_CHECK(activation_sample.size(-1) == in_features, "duquant: activation sample has ",
+                activation_sample.size(-1), " channels, statistics have ", in_features);
+    sample = activation_sample.detach().reshape({-1, in_features}).to(torch::kCPU, torch::kFloat);
+  }
+
+  LayerTransform transform;
+  transform.in_features = in_features;
+  transform.padded_in_features = layout::padded_in_features(in_features, 0);
+  transform.peak_to_mean_before = peak_to_mean(sample);
+
+  if (options.method != Method::Rtn) {
+    const auto scales = smoothing_scales(absmax, shared_weight_absmax(weights, in_features), options.alpha);
+    transform.smooth = scales;
+    transform.smooth_inv = (1.0 / scales.to(torch::kDouble)).to(torch::kFloat);
+  }
+
+  if (options.method == Method::DuQuant) {
+    const int64_t b = options.block_size;
+    TORCH_CHECK(is_power_of_two(b), "duquant: rotation block must be a power of two, got ", b);
+    TORCH_CHECK(sample.defined(), "duquant: the DuQuant rotations are learnt from an activation sample; none given");
+    transform.padded_in_features = layout::padded_in_features(in_features, b);
+    const int64_t padded = transform.padded_in_features;
+    const torch::Tensor none;
+
+    // Rotation 1 is learnt on the smoothed, zero-padded sample with every block of every token
+    // stacked as one row of Xb [T * K/b, b]: one R1 serves all blocks (I kron R1).
+    auto smoothed = ops::apply_online_transform(sample, transform.smooth_inv, none, none, none, padded);
+    auto first = greedy_block_rotation(smoothed.view({-1, b}), options.rotation_steps,
+                                       derive_seed(options.seed, kRotation1Stage));
+    transform.rotation1 = first.rotation.to(torch::kFloat);
+    transform.rotation1_steps = first.steps;
+    // The float32 R1 that the runtime will use, applied exactly as the runtime applies it.
+    auto rotated = ops::apply_online_transform(smoothed, none, transform.rotation1, none, none, padded);
+
+    if (options.permute) {
+      // The permutation is driven by max_t |X1[t, j]| of the sample after rotation 1, not by the
+      // calibration-wide absmax vector: what rotation 1 leaves in a channel depends on the signs
+      // of the co-occurring entries of one token, which the absmax vector has lost (its only exact
+      // image through R1 is the bound sum_i a_i |R1_ij|, inflated by ~sqrt(b) and ranking channels
+      // by block mass rather than by peak). The calibration-wide absmax still enters through the
+      // smoothing, where a per-channel statistic is exact.
+      transform.permutation = ZigzagPermutation::compute(rotated.abs().amax(0), b);
+      rotated = rotated.index_select(1, transform.permutation);
+    }
+
+    auto second = greedy_block_rotation(rotated.view({-1, b}), options.rotation_steps,
+                                        derive_seed(options.seed, kRotation2Stage));
+    transform.rotation2 = second.rotation.to(torch::kFloat);
+    transform.rotation2_steps = second.steps;
+  }
+
+  if (sample.defined()) {
+    auto transformed = ops::apply_online_transform(sample, transform.smooth_inv, transform.rotation1,
+                                                   transform.permutation, transform.rotation2,
+                                                   transform.padded_in_features);
+    // Without a rotation the padding columns stay exactly zero and are not channels; after a
+    // rotation they carry their share of the block and count like any other channel.
+    if (!transform.rotation1.defined()) transformed = transformed.slice(1, 0, in_features);
+    transform.peak_to_mean_after = peak_to_mean(transformed);
+  } else {
+    transform.peak_to_mean_after = std::numeric_limits<double>::quiet_NaN();
+  }
+  return transform;
+}
+
+// x W^T = (x / s)(W s)^T for the diagonal smoothing, and for the orthogonal part
+// Q = (I kron R1) P (I kron R2) (zero padding included, P a column permutation):
+// (x Q)(W Q)^T = x Q Q^T W^T = x W^T. So W~ is the rows of W s pushed through the same
+// online transform as x, without the 1/s step (DESIGN.md section 4 step 5).
+torch::Tensor transform_weight(const torch::Tensor& weight, const LayerTransform& transform) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == transform.in_features, "duquant: weight of shape ",
+              weight.sizes(), " does not match a transform of ", transform.in_features, " input features");
+  auto scaled = weight.detach().to(torch::kCPU, torch::kFloat);
+  if (transform.smooth.defined() && transform.smooth.numel() > 0) {
+    scaled = scaled * transform.smooth.to(torch::kFloat);
+  }
+  return ops::apply_online_transform(scaled, torch::Tensor(), transform.rotation1, transform.permutation,
+                                     transform.rotation2, transform.padded_in_features);
+}
+
+}  // namespace duquant
