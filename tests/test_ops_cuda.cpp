@@ -1,0 +1,420 @@
+// GPU tests of the CUDA kernels of duquant::w4a8_linear (src/ops/w4a8_linear_cuda.cu) against the
+// CPU reference kernel (src/ops/w4a8_linear_cpu.cpp). Every test skips without a CUDA device (or
+// with a CPU-only build of the operator library).
+//
+// What "equal" means (DESIGN.md section 7: "equal up to fp32 epilogue rounding"):
+//  * The GEMM alone, fed the CPU reference's own int8 activations, must match the CPU op to
+//    1e-4 of the output's scale (max |y|), plus one unit in the last place of the output dtype
+//    for fp16 / bf16 outputs (both sides round the same fp32 value, which may sit on a rounding
+//    boundary).
+//  * The pre-kernel must reproduce the CPU's int8 activations exactly except for rounding ties:
+//    its block rotations add in another order than the CPU's BLAS, so a value within an ulp of
+//    a .5 boundary can round the other way. Such entries differ by exactly 1 and are counted.
+//  * The whole op: rows whose int8 activations agree must match as the GEMM does; a row with d
+//    differing entries may differ by at most d * scale_t * max|weight_scale| * 15 more (each
+//    tie moves one q by 1, and |w - z| <= 15).
+//  * With rotations whose products are exact in fp32 (entries +-1/2, dyadic inputs) there are no
+//    ties at all and the whole op must match strictly.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "duquant/ops.h"
+#include "w4a8_cpu_reference.h"
+#include "w4a8_cuda.h"
+#include "w4a8_layout.h"
+
+namespace duquant::ops {
+namespace {
+
+constexpr double kActClip = 1.0;
+constexpr int64_t kActBits = 8;
+constexpr double kEpilogueTolerance = 1e-4;  // relative to max |y|
+
+#define SKIP_WITHOUT_CUDA_KERNELS()                                                         \
+  do {                                                                                      \
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";                     \
+    if (!cuda::cuda_kernels_available()) GTEST_SKIP() << "operator library built without CUDA"; \
+  } while (false)
+
+struct Layer {
+  int64_t in_features = 0;
+  int64_t padded_in_features = 0;
+  int64_t group_size = -1;
+  torch::Tensor smooth_inv, rotation1, permutation, rotation2, packed_weight, weight_scale, weight_zero, bias;
+
+  Layer to(const torch::Device& device) const {
+    Layer moved = *this;
+    for (auto* tensor : {&moved.smooth_inv, &moved.rotation1, &moved.permutation, &moved.rotation2,
+                         &moved.packed_weight, &moved.weight_scale, &moved.weight_zero, &moved.bias}) {
+      *tensor = tensor->to(device);
+    }
+    return moved;
+  }
+};
+
+enum class Transform { None, SmoothOnly, PermutationOnly, Full, ExactRotations };
+
+struct LayerSpec {
+  int64_t in_features;
+  int64_t out_features;
+  int64_t block = 128;
+  int64_t group_size = -1;
+  bool bias = false;
+  Transform transform = Transform::Full;
+};
+
+torch::Tensor random_orthogonal(int64_t size, torch::Generator& generator) {
+  auto q = std::get<0>(torch::linalg_qr(torch::randn({size, size}, generator, torch::kDouble)));
+  return q.to(torch::kFloat).contiguous();
+}
+
+// A +-1/2 matrix: every product with a dyadic input is exact in fp32, in any summation order.
+torch::Tensor exact_sign_matrix(int64_t size, torch::Generator& generator) {
+  return (torch::randint(0, 2, {size, size}, generator, torch::kFloat) - 0.5f).contiguous();
+}
+
+Layer make_layer(const LayerSpec& spec, uint64_t seed) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  Layer layer;
+  layer.in_features = spec.in_features;
+  layer.padded_in_features = layout::padded_in_features(spec.in_features, spec.block);
+  layer.group_size = spec.group_size;
+  const int64_t k = layer.padded_in_features, n = spec.out_features;
+  const int64_t groups = spec.group_size > 0 ? k / spec.group_size : 1;
+  const auto empty = torch::empty({0}, torch::kFloat);
+  layer.smooth_inv = layer.rotation1 = layer.rotation2 = empty;
+  layer.permutation = torch::empty({0}, torch::kLong);
+  switch (spec.transform) {
+    case Transform::None:
+      break;
+    case Transform::SmoothOnly:
+      layer.smooth_inv = torch::rand({spec.in_features}, generator, torch::kFloat) * 1.5 + 0.5;
+      break;
+    case Transform::PermutationOnly:
+      layer.permutation = torch::randperm(k, generator, torch::kLong);
+      break;
+    case Transform::Full:
+      layer.smooth_inv = torch::rand({spec.in_features}, generator, torch::kFloat) * 1.5 + 0.5;
+      layer.rotation1 = random_orthogonal(spec.block, generator);
+      layer.permutation = torch::randperm(k, generator, torch::kLong);
+      layer.rotation2 = random_orthogonal(spec.block, generator);
+      break;
+    case Transform::ExactRotations:
+      // Powers of two keep the smoothing exact too.
+      layer.smooth_inv = torch::pow(2.0, torch::randint(-1, 2, {spec.in_features}, generator, torch::kFloat));
+      layer.rotation1 = exact_sign_matrix(spec.block, generator);
+      layer.permutation = torch::randperm(k, generator, torch::kLong);
+      layer.rotation2 = exact_sign_matrix(spec.block, generator);
+      break;
+  }
+  const auto levels = torch::randint(0, layout::kWeightMaxLevel + 1, {n, k}, generator, torch::kLong).to(torch::kUInt8);
+  layer.packed_weight = pack_int4(levels);
+  layer.weight_scale = torch::rand({n, groups}, generator, torch::kFloat) * 0.02 + 0.001;
+  layer.weight_zero = torch::randint(0, layout::kWeightMaxLevel + 1, {n, groups}, generator, torch::kFloat);
+  layer.bias = spec.bias ? torch::randn({n}, generator, torch::kFloat) : empty;
+  return layer;
+}
+
+// Activations with a few outlier channels (DESIGN.md section 4); dyadic values for exact tests.
+torch::Tensor make_input(int64_t tokens, int64_t in_features, torch::ScalarType dtype, uint64_t seed, bool dyadic) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  torch::Tensor x;
+  if (dyadic) {
+    x = torch::randint(-16, 17, {tokens, in_features}, generator, torch::kFloat) / 8.0;
+  } else {
+    x = torch::randn({tokens, in_features}, generator, torch::kFloat);
+    const int64_t outliers = std::max<int64_t>(1, in_features / 256);
+    for (int64_t i = 0; i < outliers; ++i) x.select(1, (i * 7919 + 13) % in_features).mul_(30.0);
+  }
+  return x.to(dtype);
+}
+
+torch::Tensor run_op(const torch::Tensor& x, const Layer& layer, int64_t act_bits = kActBits) {
+  return w4a8_linear(x, layer.smooth_inv, layer.rotation1, layer.permutation, layer.rotation2, layer.packed_weight,
+                     layer.weight_scale, layer.weight_zero, layer.bias, layer.in_features, layer.group_size, act_bits,
+                     kActClip);
+}
+
+cpu_reference::QuantizedActivations reference_activations(const torch::Tensor& x_cpu, const Layer& layer) {
+  const auto transformed = apply_online_transform(x_cpu.reshape({-1, layer.in_features}), layer.smooth_inv,
+                                                  layer.rotation1, layer.permutation, layer.rotation2,
+                                                  layer.padded_in_features)
+                               .to(torch::kFloat);
+  return cpu_reference::quantize_activations(transformed, kActBits, kActClip, layer.group_size);
+}
+
+// Relative precision of one unit in the last place of an output dtype (0 for fp32: compared at
+// kEpilogueTolerance).
+double output_ulp(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kBFloat16:
+      return std::ldexp(1.0, -7);
+    case torch::kHalf:
+      return std::ldexp(1.0, -10);
+    default:
+      return 0.0;
+  }
+}
+
+// Per-element bound: epilogue rounding plus `extra_per_row` [T] (float64) for rows with ties.
+void expect_close(const torch::Tensor& actual_any, const torch::Tensor& expected_any, const torch::Tensor& extra_per_row,
+                  const std::string& what) {
+  ASSERT_EQ(actual_any.sizes(), expected_any.sizes()) << what;
+  ASSERT_EQ(actual_any.scalar_type(), expected_any.scalar_type()) << what;
+  const auto actual = actual_any.cpu().to(torch::kDouble).reshape({-1, expected_any.size(-1)});
+  const auto expected = expected_any.to(torch::kDouble).reshape({-1, expected_any.size(-1)});
+  const double scale = std::max(expected.abs().max().item<double>(), 1e-30);
+  auto bound = expected.abs() * output_ulp(expected_any.scalar_type()) + kEpilogueTolerance * scale;
+  if (extra_per_row.defined()) bound = bound + extra_per_row.to(torch::kDouble).unsqueeze(1);
+  const auto excess = (actual - expected).abs() - bound;
+  const auto worst = excess.max().item<double>();
+  EXPECT_LE(worst, 0.0) << what << ": max |cuda - cpu| exceeds the bound by " << worst << " (output scale " << scale
+                        << ", max diff " << (actual - expected).abs().max().item<double>() << ")";
+}
+
+struct QuantizedComparison {
+  int64_t differing = 0;   // entries with q_cuda != q_cpu (all by exactly 1)
+  torch::Tensor per_row;   // int64 [T]: differing entries per token
+};
+
+QuantizedComparison compare_quantized(const cuda::QuantizedActivations& on_gpu,
+                                      const cpu_reference::QuantizedActivations& reference, int64_t group_size,
+                                      const std::string& what) {
+  const auto values = on_gpu.values.cpu();
+  EXPECT_EQ(values.sizes(), reference.values.sizes()) << what;
+  const auto difference = (values.to(torch::kInt) - reference.values.to(torch::kInt)).abs();
+  EXPECT_LE(difference.max().item<int>(), 1) << what << ": an int8 activation differs by more than a rounding tie";
+  QuantizedComparison result;
+  result.per_row = difference.ne(0).sum(1);
+  result.differing = result.per_row.sum().item<int64_t>();
+  // Ties are rare: well under 0.1% of the entries.
+  EXPECT_LE(result.differing, std::max<int64_t>(2, values.numel() / 1000)) << what;
+  // The token scale comes from the absmax, which another summation order moves by a few ulps.
+  EXPECT_TRUE(torch::allclose(on_gpu.scale.cpu(), reference.scale, /*rtol=*/1e-5, /*atol=*/0.0)) << what;
+  // Group sums must be those of the GPU's own q.
+  const int64_t k = values.size(1);
+  const int64_t length = group_size > 0 ? group_size : k;
+  const auto own_sums = values.to(torch::kInt).view({values.size(0), k / length, length}).sum(2).to(torch::kInt);
+  EXPECT_TRUE(torch::equal(on_gpu.group_sum.cpu(), own_sums)) << what << ": group sums";
+  return result;
+}
+
+// The three comparisons of the file comment for one layer and input.
+void check_layer(const LayerSpec& spec, int64_t tokens, torch::ScalarType dtype, uint64_t seed) {
+  const std::string what = "in " + std::to_string(spec.in_features) + " out " + std::to_string(spec.out_features) +
+                           " M " + std::to_string(tokens) + " block " + std::to_string(spec.block) + " group " +
+                           std::to_string(spec.group_size) + " " + std::string(c10::toString(dtype)) +
+                           (spec.bias ? " bias" : "");
+  const bool exact = spec.transform == Transform::ExactRotations || spec.transform == Transform::None ||
+                     spec.transform == Transform::PermutationOnly;
+  const Layer layer = make_layer(spec, seed);
+  const Layer layer_gpu = layer.to(torch::kCUDA);
+  const auto x = make_input(tokens, spec.in_features, dtype, seed + 1, spec.transform == Transform::ExactRotations);
+  const auto x_gpu = x.to(torch::kCUDA);
+
+  const auto expected = run_op(x, layer);
+  const auto reference = reference_activations(x, layer);
+
+  // 1. The GEMM on the CPU's own activations.
+  const cuda::QuantizedActivations reference_on_gpu{reference.values.to(torch::kCUDA), reference.scale.to(torch::kCUDA),
+                                                    reference.group_sum.to(torch::kCUDA)};
+  const auto gemm = cuda::w4a8_gemm(reference_on_gpu, layer_gpu.packed_weight, layer_gpu.weight_scale,
+                                    layer_gpu.weight_zero, layer_gpu.bias, layer.group_size, dtype);
+  expect_close(gemm, expected, torch::Tensor(), what + " [gemm]");
+
+  // 2. The pre-kernel against the CPU transform + quantization.
+  const auto quantized = cuda::fused_quantize_activations(x_gpu, layer_gpu.smooth_inv, layer_gpu.rotation1,
+                                                          layer_gpu.permutation, layer_gpu.rotation2,
+                                                          layer.padded_in_features, layer.group_size, kActBits, kActClip);
+  const auto ties = compare_quantized(quantized, reference, layer.group_size, what + " [pre-kernel]");
+  if (exact) EXPECT_EQ(ties.differing, 0) << what << ": exact transforms leave no rounding ties";
+  if (ties.differing > 0) {
+    std::cout << "[ ties     ] " << what << ": " << ties.differing << " int8 activations of " << reference.values.numel()
+              << " differ by a rounding tie\n";
+  }
+
+  // 3. The whole op.
+  const auto actual = run_op(x_gpu, layer_gpu);
+  const double max_weight_scale = layer.weight_scale.abs().max().item<double>();
+  const auto tie_bound = ties.per_row.to(torch::kDouble) * reference.scale.to(torch::kDouble) * max_weight_scale *
+                         static_cast<double>(layout::kWeightMaxLevel);
+  expect_close(actual, expected, tie_bound, what + " [op]");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fixtures themselves, on the CPU (these run without a GPU): the reference activations the
+// GEMM is fed reproduce the CPU op through ops.h's formula, and the "exact" rotations really are
+// exact in fp32.
+
+torch::Tensor epilogue_from_activations(const cpu_reference::QuantizedActivations& activations, const Layer& layer) {
+  const auto acc = cpu_reference::integer_group_dot_products(activations.values, layer.packed_weight, layer.group_size)
+                       .to(torch::kDouble);                                         // [T, N, G]
+  const auto sums = activations.group_sum.to(torch::kDouble).unsqueeze(1);        // [T, 1, G]
+  const auto corrected = acc - layer.weight_zero.to(torch::kDouble).unsqueeze(0) * sums;
+  auto y = (corrected * layer.weight_scale.to(torch::kDouble).unsqueeze(0)).sum(2) *
+           activations.scale.to(torch::kDouble).unsqueeze(1);
+  if (layer.bias.numel() > 0) y = y + layer.bias.to(torch::kDouble);
+  return y;
+}
+
+TEST(W4A8LinearCudaFixtures, ReferenceActivationsReproduceTheCpuOp) {
+  for (const auto& spec : {LayerSpec{256, 72, 128, -1, true}, LayerSpec{320, 40, 64, 64, false},
+                           LayerSpec{1000, 24, 128, 128, true, Transform::ExactRotations}}) {
+    const Layer layer = make_layer(spec, 1701);
+    const auto x = make_input(5, spec.in_features, torch::kFloat, 1702, spec.transform == Transform::ExactRotations);
+    const auto expected = run_op(x, layer).to(torch::kDouble);
+    const auto reconstructed = epilogue_from_activations(reference_activations(x, layer), layer);
+    const double scale = expected.abs().max().item<double>();
+    EXPECT_LE((reconstructed - expected).abs().max().item<double>(), 1e-5 * scale) << spec.in_features;
+  }
+}
+
+TEST(W4A8LinearCudaFixtures, ExactRotationsAreExactInFloat32) {
+  const Layer layer = make_layer({2048, 16, 16, -1, false, Transform::ExactRotations}, 1801);
+  const auto x = make_input(7, 2048, torch::kFloat, 1802, /*dyadic=*/true);
+  const auto in_float = apply_online_transform(x, layer.smooth_inv, layer.rotation1, layer.permutation,
+                                               layer.rotation2, layer.padded_in_features);
+  const auto in_double = apply_online_transform(x.to(torch::kDouble), layer.smooth_inv, layer.rotation1,
+                                                layer.permutation, layer.rotation2, layer.padded_in_features);
+  EXPECT_TRUE(torch::equal(in_float.to(torch::kDouble), in_double));
+}
+
+// DESIGN.md section 3: the in/out pairs of the LLM and the action expert.
+const std::vector<std::pair<int64_t, int64_t>> kPi0Shapes = {
+    {2048, 2048}, {2048, 256}, {2048, 16384}, {16384, 2048},                 // language model
+    {1024, 2048}, {1024, 256}, {2048, 1024}, {1024, 4096}, {4096, 1024}};  // action expert
+
+TEST(W4A8LinearCuda, Pi0ShapesAtOneToken) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 1, torch::kBFloat16, 100 + in + out);
+}
+
+TEST(W4A8LinearCuda, Pi0ShapesAtExpertTokens) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 51, torch::kBFloat16, 200 + in + out);
+}
+
+TEST(W4A8LinearCuda, Pi0ShapesAtSevenTokens) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({2048, 256}, 7, torch::kBFloat16, 301);
+  check_layer({1024, 4096}, 7, torch::kBFloat16, 302);
+}
+
+TEST(W4A8LinearCuda, Pi0ShapesAtPrefixTokens) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({2048, 2048}, 816, torch::kBFloat16, 401);
+  check_layer({16384, 2048}, 816, torch::kBFloat16, 402);
+  check_layer({2048, 256}, 816, torch::kBFloat16, 403);
+}
+
+TEST(W4A8LinearCuda, LargeTokenCount) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({2048, 16384}, 2048, torch::kBFloat16, 501);
+  check_layer({4096, 1024}, 2048, torch::kBFloat16, 502);
+}
+
+TEST(W4A8LinearCuda, PaddedInFeatures) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({1152, 1152, 128, -1, true}, 51, torch::kBFloat16, 601);  // SigLIP width, 9 blocks
+  check_layer({4304, 1152, 128, -1, true}, 51, torch::kBFloat16, 602);  // SigLIP fc2: padded to 4352
+  check_layer({1000, 200, 128, -1, true}, 3, torch::kFloat, 603);       // padded to 1024
+}
+
+TEST(W4A8LinearCuda, AwkwardOutputWidthsAndTokenCounts) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({256, 200}, 3, torch::kFloat, 701);
+  check_layer({256, 37}, 17, torch::kHalf, 702);
+  check_layer({512, 130}, 33, torch::kBFloat16, 703);
+  check_layer({512, 8}, 257, torch::kFloat, 704);
+}
+
+TEST(W4A8LinearCuda, GroupedWeights) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({2048, 256, 128, 64}, 51, torch::kBFloat16, 801);
+  check_layer({2048, 2048, 128, 128, true}, 1, torch::kBFloat16, 802);  // split-K, whole groups per split
+  check_layer({2048, 256, 128, 512}, 1, torch::kBFloat16, 805);         // a group straddles two splits
+  check_layer({1024, 200, 128, 32}, 7, torch::kFloat, 803);
+  check_layer({16384, 256, 128, 128}, 816, torch::kHalf, 804);
+}
+
+TEST(W4A8LinearCuda, InputDtypesAndBias) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  for (const auto dtype : {torch::kFloat, torch::kHalf, torch::kBFloat16}) {
+    for (const bool bias : {false, true}) check_layer({1024, 256, 128, -1, bias}, 51, dtype, 900 + bias);
+  }
+}
+
+TEST(W4A8LinearCuda, SkippedTransformSteps) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({1024, 256, 128, -1, false, Transform::None}, 51, torch::kBFloat16, 1001);
+  check_layer({1024, 256, 128, -1, true, Transform::SmoothOnly}, 51, torch::kFloat, 1002);
+  check_layer({1024, 256, 128, -1, false, Transform::PermutationOnly}, 51, torch::kHalf, 1003);
+}
+
+TEST(W4A8LinearCuda, SmallRotationBlocks) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({1024, 256, 16}, 51, torch::kBFloat16, 1101);  // the fork's default block
+  check_layer({96, 64, 2}, 5, torch::kFloat, 1102);          // block not a multiple of 4
+}
+
+TEST(W4A8LinearCuda, ExactRotationsMatchStrictly) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  check_layer({1024, 512, 16, -1, true, Transform::ExactRotations}, 51, torch::kFloat, 1201);
+  check_layer({2048, 256, 16, 64, false, Transform::ExactRotations}, 7, torch::kBFloat16, 1202);
+}
+
+TEST(W4A8LinearCuda, LeadingDimensionsAndEmptyInputs) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const Layer layer = make_layer({256, 64}, 1301);
+  const Layer layer_gpu = layer.to(torch::kCUDA);
+  const auto x = make_input(6, 256, torch::kFloat, 1302, false).view({2, 3, 256});
+  const auto actual = run_op(x.to(torch::kCUDA), layer_gpu);
+  EXPECT_EQ(actual.sizes(), (std::vector<int64_t>{2, 3, 64}));
+  const auto expected = run_op(x, layer);
+  EXPECT_LE((actual.cpu() - expected).abs().max().item<double>(), 1e-2 * expected.abs().max().item<double>());
+  const auto empty = run_op(torch::empty({0, 256}, torch::kCUDA), layer_gpu);
+  EXPECT_EQ(empty.sizes(), (std::vector<int64_t>{0, 64}));
+}
+
+TEST(W4A8LinearCuda, NonFiniteRowsGiveNonFiniteOutputsLikeTheCpu) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const Layer layer = make_layer({256, 64, 128, -1, true, Transform::None}, 1401);
+  auto x = make_input(4, 256, torch::kFloat, 1402, false);
+  x.index_put_({1, 5}, std::nan(""));
+  x.index_put_({2}, 0.0);  // all-zero row: scale 1, q = 0, y = bias
+  const auto expected = run_op(x, layer);
+  const auto actual = run_op(x.to(torch::kCUDA), layer.to(torch::kCUDA)).cpu();
+  EXPECT_TRUE(torch::equal(actual.isnan(), expected.isnan()));
+  EXPECT_TRUE(torch::allclose(actual.select(0, 2), expected.select(0, 2)));
+}
+
+TEST(W4A8LinearCuda, UnquantizedActivationsUseTheFloatPath) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const Layer layer = make_layer({1024, 256, 128, 64, true}, 1501);
+  const auto x = make_input(51, 1024, torch::kFloat, 1502, false);
+  const auto expected = run_op(x, layer, /*act_bits=*/0);
+  const auto actual = run_op(x.to(torch::kCUDA), layer.to(torch::kCUDA), /*act_bits=*/0);
+  expect_close(actual, expected, torch::Tensor(), "act_bits 0");
+}
+
+TEST(W4A8LinearCuda, RejectsMisplacedAndUnsupportedArguments) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const Layer layer = make_layer({256, 64}, 1601);
+  Layer mixed = layer.to(torch::kCUDA);
+  mixed.packed_weight = layer.packed_weight;  // left on the CPU
+  const auto x_gpu = make_input(3, 256, torch::kFloat, 1602, false).to(torch::kCUDA);
+  EXPECT_THROW(run_op(x_gpu, mixed), c10::Error);
+  // group_size 48 divides K = 384 (the CPU accepts it) but straddles the 32-wide MMA k steps.
+  const Layer grouped = make_layer({384, 64, 128, 48}, 1603);
+  EXPECT_THROW(run_op(make_input(3, 384, torch::kFloat, 1604, false).to(torch::kCUDA), grouped.to(torch::kCUDA)),
+               c10::Error);
+}
+
+}  // namespace
+}  // namespace duquant::ops
