@@ -14,14 +14,12 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <filesystem>
 #include <iostream>
 
 #include "duquant/calibrate.h"
 #include "duquant/config.h"
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
-#include "duquant/ops.h"
 #include "duquant/quantize_model.h"
 #include "duquant/recipe.h"
 #include "duquant/report.h"
@@ -88,9 +86,12 @@ int list_or_dry_run(const torch::jit::Module& model, const Config& config, bool 
   return 0;
 }
 
+// pi0_w4a8.pt -> pi0_w4a8.report.json, next to the output.
 std::string default_report_path(const std::string& output) {
-  std::filesystem::path path(output);
-  return (path.parent_path() / (path.stem().string() + ".report.json")).string();
+  const auto slash = output.rfind('/');
+  const auto dot = output.rfind('.');
+  const bool has_extension = dot != std::string::npos && (slash == std::string::npos || dot > slash + 1);
+  return (has_extension ? output.substr(0, dot) : output) + ".report.json";
 }
 
 int quantize(const std::string& model_path, const std::string& output_path, const std::string& calibration_path,
@@ -136,8 +137,8 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   std::cout << fmt::format("[DUQUANT] calibration {:.1f} s, transform+quantize {:.1f} s, total {:.1f} s\n",
                            result.calibration_seconds, result.transform_seconds, seconds_since(start));
   std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", output_path,
-                           std::filesystem::file_size(output_path) / 1048576.0,
-                           std::filesystem::file_size(model_path) / 1048576.0, report_path);
+                           file_size_bytes(output_path) / 1048576.0, file_size_bytes(model_path) / 1048576.0,
+                           report_path);
   return 0;
 }
 
@@ -235,10 +236,7 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
     const auto bias = linear_bias(linear);
     const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
                                          bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
-    const auto s = W4A8LinearClass::read(quantized_layers.at(path));
-    const auto output = ops::w4a8_linear(sample, s.smooth_inv, s.rotation1, s.permutation, s.rotation2, s.packed_weight,
-                                         s.weight_scale, s.weight_zero, s.bias, s.in_features, s.group_size, s.act_bits,
-                                         s.act_clip);
+    const auto output = W4A8LinearClass::read(quantized_layers.at(path)).forward(sample);
     per_layer.emplace_back(path, compare(output, reference));
   }
   std::sort(per_layer.begin(), per_layer.end(),

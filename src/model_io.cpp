@@ -3,16 +3,17 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
-#include <filesystem>
+#include <cstring>
 #include <fstream>
 
 #include "duquant/errors.h"
 
 namespace duquant {
-namespace fs = std::filesystem;
 namespace {
 
 std::string first_line(const std::string& text) {
@@ -28,10 +29,10 @@ bool starts_with_zip_magic(const std::string& path) {
 }
 
 void require_readable_file(const std::string& path, const std::string& what) {
-  if (!fs::exists(path)) {
+  if (!path_exists(path)) {
     throw UserError(fmt::format("{} '{}' does not exist; check the path", what, path));
   }
-  if (fs::is_directory(path)) {
+  if (is_directory(path)) {
     throw UserError(fmt::format("{} '{}' is a directory; give the .pt file inside it", what, path));
   }
   if (!starts_with_zip_magic(path)) {
@@ -132,19 +133,39 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
   }
 }
 
+bool path_exists(const std::string& path) {
+  struct stat info {};
+  return stat(path.c_str(), &info) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat info {};
+  return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+int64_t file_size_bytes(const std::string& path) {
+  struct stat info {};
+  return stat(path.c_str(), &info) == 0 ? static_cast<int64_t>(info.st_size) : -1;
+}
+
+std::string parent_directory(const std::string& path) {
+  const auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
 void check_writable(const std::string& path) {
-  const fs::path target(path);
-  const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  if (!fs::is_directory(directory)) {
+  const std::string directory = parent_directory(path);
+  if (!is_directory(directory)) {
     throw UserError(fmt::format("cannot write '{}': directory '{}' does not exist; create it first", path,
-                                directory.string()));
+                                directory));
   }
-  if (fs::is_directory(target)) {
+  if (is_directory(path)) {
     throw UserError(fmt::format("cannot write '{}': it is a directory; give a file name", path));
   }
   if (access(directory.c_str(), W_OK) != 0) {
     throw UserError(fmt::format("cannot write '{}': directory '{}' is not writable; choose another output path",
-                                path, directory.string()));
+                                path, directory));
   }
 }
 
@@ -160,11 +181,10 @@ void write_atomically(const std::string& path, Writer&& write) {
     std::remove(temporary.c_str());
     throw;
   }
-  std::error_code error;
-  fs::rename(temporary, path, error);
-  if (error) {
+  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+    const std::string reason = std::strerror(errno);
     std::remove(temporary.c_str());
-    throw UserError(fmt::format("cannot write '{}': {}", path, error.message()));
+    throw UserError(fmt::format("cannot write '{}': {}", path, reason));
   }
 }
 

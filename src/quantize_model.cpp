@@ -155,12 +155,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       if (calibration) {
         // The deployed operator on the calibration rows against the float layer.
         const auto exact = torch::linear(stats.sample, weights[i], state.bias.defined() ? state.bias : torch::Tensor());
-        const auto approximate = ops::w4a8_linear(stats.sample, state.smooth_inv, state.rotation1, state.permutation,
-                                                  state.rotation2, state.packed_weight, state.weight_scale,
-                                                  state.weight_zero,
-                                                  state.bias.defined() ? state.bias : torch::empty({0}),
-                                                  state.in_features, state.group_size, state.act_bits, state.act_clip);
-        report.layer_output_error = relative_error(approximate, exact);
+        report.layer_output_error = relative_error(state.forward(stats.sample), exact);
       }
       replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state));
       result.layers.push_back(report);

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "duquant/errors.h"
+#include "duquant/ops.h"
 #include "duquant/select.h"
 #include "duquant/type_names.h"
 
@@ -259,6 +260,13 @@ torch::Tensor or_empty(const torch::Tensor& tensor, torch::ScalarType dtype) {
 }
 
 }  // namespace
+
+torch::Tensor W4A8LinearState::forward(const torch::Tensor& x) const {
+  return ops::w4a8_linear(x, or_empty(smooth_inv, torch::kFloat), or_empty(rotation1, torch::kFloat),
+                          or_empty(permutation, torch::kLong), or_empty(rotation2, torch::kFloat), packed_weight,
+                          weight_scale, weight_zero, or_empty(bias, torch::kFloat), in_features, group_size, act_bits,
+                          act_clip);
+}
 
 W4A8LinearClass::W4A8LinearClass(std::shared_ptr<torch::jit::CompilationUnit> unit)
     : class_(std::move(unit), kQuantizedLinearTypeName, w4a8_linear_attributes(), kW4A8LinearForward) {}

@@ -2,7 +2,6 @@
 // one-line error naming problem and fix for every bad input, with no partial output left behind.
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <fstream>
 #include <regex>
 
@@ -59,7 +58,7 @@ TEST(Cli, FlagOverridesEnvironmentAndDryRunOfQuantizeWritesNothing) {
   ASSERT_EQ(result.exit_code, 0) << result.output;
   EXPECT_NE(result.output.find("[DUQUANT] Dry-run total layers listed: 126\n"), std::string::npos);
   EXPECT_NE(result.output.find("(flag --scope)"), std::string::npos);
-  EXPECT_FALSE(std::filesystem::exists(out));
+  EXPECT_FALSE(testing::file_exists(out));
 }
 
 TEST(Cli, JsonListing) {
@@ -109,7 +108,7 @@ TEST(Cli, BadInputs) {
 
   expect_one_line_error(run_cli("quantize " + model + " -o /nonexistent_dir/q.pt --calib x"), 1, "does not exist");
   expect_one_line_error(run_cli("quantize " + model + " -o " + dir + "/q.pt"), 2, "--calib");
-  EXPECT_FALSE(std::filesystem::exists(dir + "/q.pt"));
+  EXPECT_FALSE(testing::file_exists(dir + "/q.pt"));
 }
 
 }  // namespace

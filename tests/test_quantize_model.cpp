@@ -133,6 +133,7 @@ TEST_P(TinyPi0, QuantizedLayerIsTheOperatorOnItsBuffers) {
   const auto via_operator = ops::w4a8_linear(x, s.smooth_inv, s.rotation1, s.permutation, s.rotation2, s.packed_weight,
                                              s.weight_scale, s.weight_zero, s.bias, s.in_features, s.group_size,
                                              s.act_bits, s.act_clip);
+  EXPECT_TRUE(torch::equal(s.forward(x), via_operator));
   EXPECT_TRUE(torch::equal(via_module, via_operator));
   EXPECT_LT(result.layers[0].layer_output_error, 0.05);
   EXPECT_GT(result.layers[0].peak_to_mean_before, 3 * result.layers[0].peak_to_mean_after);

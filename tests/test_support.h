@@ -5,7 +5,10 @@
 
 #include <array>
 #include <cstdio>
-#include <filesystem>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -18,7 +21,8 @@ inline std::string fixture(const std::string& name) {
 }
 
 inline void require_fixture(const std::string& path) {
-  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/make_fixtures.sh";
+  struct stat info {};
+  ASSERT_EQ(stat(path.c_str(), &info), 0) << path << " is missing: run scripts/make_fixtures.sh";
 }
 
 struct CommandResult {
@@ -39,11 +43,16 @@ inline CommandResult run_cli(const std::string& arguments, const std::string& en
   return result;
 }
 
+// A fresh directory under /tmp (mkdtemp; see model_io.h on why not std::filesystem).
 inline std::string temporary_directory(const std::string& name) {
-  auto path = std::filesystem::temp_directory_path() / ("duquant_test_" + name + "_" + std::to_string(getpid()));
-  std::filesystem::remove_all(path);
-  std::filesystem::create_directories(path);
-  return path.string();
+  std::string pattern = "/tmp/duquant_test_" + name + "_XXXXXX";
+  if (mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed for " + pattern);
+  return pattern;
+}
+
+inline bool file_exists(const std::string& path) {
+  struct stat info {};
+  return stat(path.c_str(), &info) == 0;
 }
 
 }  // namespace duquant::testing

@@ -31,6 +31,13 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
 // Fails early (before any work) when `path` cannot be written; writes go to a temporary file in
 // the same directory and are renamed over `path` only when complete.
 void check_writable(const std::string& path);
+
+// POSIX file queries. std::filesystem is avoided on purpose: libtorch.so exports its own bundled
+// copy of libstdc++'s filesystem symbols, which interpose on ours and crash (remove_all).
+bool path_exists(const std::string& path);
+bool is_directory(const std::string& path);
+int64_t file_size_bytes(const std::string& path);
+std::string parent_directory(const std::string& path);  // "." when the path has no directory part
 void save_model_atomically(const torch::jit::Module& model, const std::string& path);
 void write_text_atomically(const std::string& text, const std::string& path);
 

@@ -64,6 +64,9 @@ struct W4A8LinearState {
   int64_t group_size = -1;
   int64_t act_bits = 8;
   double act_clip = 1.0;
+
+  // duquant::w4a8_linear of x with this state: what the module's forward computes.
+  torch::Tensor forward(const torch::Tensor& x) const;
 };
 
 // The W4A8Linear class (type name in type_names.h): plain tensor buffers, forward calling
