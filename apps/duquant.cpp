@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
@@ -134,6 +135,9 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   save_model_atomically(result.model, output_path);
   write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
                         report_path);
+  std::cout << fmt::format("[DUQUANT] target layer memory: {:.2f} MiB as bf16, {:.2f} MiB as W4A8 ({:.2f}x smaller)\n",
+                           result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
+                           static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1));
   std::cout << fmt::format("[DUQUANT] calibration {:.1f} s, transform+quantize {:.1f} s, total {:.1f} s\n",
                            result.calibration_seconds, result.transform_seconds, seconds_since(start));
   std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", output_path,

@@ -109,6 +109,9 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     TransformOptions options = transform_options;
     options.seed = path_seed(recipe.transform.seed, group.front());
     const LayerTransform transform = compute_transform(stats.absmax, stats.sample, weights, options);
+    for (const auto& tensor : {transform.smooth_inv, transform.rotation1, transform.permutation, transform.rotation2}) {
+      if (tensor.defined()) result.w4a8_bytes += tensor.nbytes();
+    }
     const auto transformed_sample =
         ops::apply_online_transform(stats.sample, transform.smooth_inv, transform.rotation1, transform.permutation,
                                     transform.rotation2, transform.padded_in_features);
@@ -157,6 +160,9 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
         const auto exact = torch::linear(stats.sample, weights[i], state.bias.defined() ? state.bias : torch::Tensor());
         report.layer_output_error = relative_error(state.forward(stats.sample), exact);
       }
+      result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;
+      result.w4a8_bytes += state.packed_weight.nbytes() + state.weight_scale.nbytes() + state.weight_zero.nbytes() +
+                           (state.bias.defined() ? state.bias.nbytes() : 0);
       replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state));
       result.layers.push_back(report);
       if (on_layer) on_layer(report, ++done, targets.size());

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ostream.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace duquant {
@@ -108,6 +109,8 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
   json["calibration_rows_per_layer"] = result.calibration_rows;
   json["calibration_seconds"] = result.calibration_seconds;
   json["transform_seconds"] = result.transform_seconds;
+  json["target_memory"] = {{"bf16_bytes", result.bf16_bytes}, {"w4a8_bytes", result.w4a8_bytes},
+                           {"ratio", static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1)}};
   for (const auto& s : config.settings()) json["config"][s.key] = {{"value", s.value}, {"source", s.source}};
   for (const auto& [component, counts] : count_by_component(decisions)) {
     json["summary"][component_name(component)] = {{"linear", counts.first}, {"targets", counts.second}};

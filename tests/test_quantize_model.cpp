@@ -98,6 +98,19 @@ TEST_P(TinyPi0, SwapChangesExactlyTheTargets) {
     }
   }
   EXPECT_EQ(w4a8, static_cast<int64_t>(targets.size()));
+  // The W4A8 buffers of these layers, counted from the quantized model itself.
+  int64_t buffer_bytes = 0;
+  for (const auto& t : targets) {
+    for (const auto& buffer : quantized.at(t).named_buffers()) buffer_bytes += buffer.value.nbytes();
+  }
+  // q/k/v and gate/up share their transform tensors: counted once, so strictly fewer bytes than
+  // the per-module sum. (At tiny widths the 128x128 rotations outweigh the int4 savings; the
+  // bf16 ratio is a full-size figure, printed by `duquant quantize`.)
+  EXPECT_GT(result.w4a8_bytes, 0);
+  EXPECT_LT(result.w4a8_bytes, buffer_bytes);
+  int64_t bf16 = 0;
+  for (const auto& t : targets) bf16 += original.at(t).attr("weight").toTensor().numel() * 2;
+  EXPECT_EQ(result.bf16_bytes, bf16);
   // Layer 1 of the LLM shares its (scripted) attention type with layer 0 in the original; after the
   // swap layer 1 keeps the original object and type.
   const std::string llm1 = "paligemma_with_expert.paligemma.model.language_model.layers.1.self_attn";

@@ -212,7 +212,11 @@ INSTANTIATE_TEST_SUITE_P(
                       InvariantCase{Method::DuQuant, 16, 100, true}, InvariantCase{Method::DuQuant, 16, 100, false},
                       InvariantCase{Method::DuQuant, 128, 1024, true}, InvariantCase{Method::DuQuant, 128, 1024, false},
                       InvariantCase{Method::DuQuant, 128, 1152, true},
-                      InvariantCase{Method::DuQuant, 128, 1152, false}));
+                      InvariantCase{Method::DuQuant, 128, 1152, false}),
+    [](const ::testing::TestParamInfo<InvariantCase>& info) {
+      return method_name(std::get<0>(info.param)) + "_block" + std::to_string(std::get<1>(info.param)) + "_in" +
+             std::to_string(std::get<2>(info.param)) + (std::get<3>(info.param) ? "_permuted" : "");
+    });
 
 TEST(ComputeTransform, ReturnsOrthogonalFloatRotationsAndTheirKeptSteps) {
   auto x = outlier_activations(128, 512, 4, 50.0, 30);

@@ -39,6 +39,10 @@ struct QuantizeResult {
   double transform_seconds = 0;
   int64_t calibration_rows = 0;
   bool data_free = false;
+  // Memory of the target layers: their weights and biases in bf16, and every buffer of the W4A8
+  // layers (transform tensors shared by q/k/v or gate/up counted once).
+  int64_t bf16_bytes = 0;
+  int64_t w4a8_bytes = 0;
 };
 
 // Called after each layer is quantized (for the per-layer log line and progress).
