@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <sstream>
 
 #include "duquant/calibrate.h"
 #include "duquant/config.h"
@@ -34,12 +35,21 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
+// Unexpected errors keep the one-line contract: the first non-empty line.
+std::string one_line(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t") != std::string::npos) return line;
+  }
+  return text;
+}
+
 // Settings that are switches on the command line ("--dry-run"), not "--key VALUE" options.
 bool is_switch(const std::string& key) { return key == "dry-run" || key == "include-action-head"; }
 
 struct SettingFlags {
   std::map<std::string, std::string> values;
-  std::map<std::string, bool> switches;
 
   void add_to(CLI::App& command) {
     const Config defaults = Config::defaults();
@@ -48,7 +58,8 @@ struct SettingFlags {
                                    ? setting.help
                                    : fmt::format("{} [{}{}]", setting.help, kEnvironmentPrefix, setting.environment);
       if (is_switch(setting.key)) {
-        command.add_flag("--" + setting.key, switches[setting.key], help);
+        // "--dry-run" means 1; "--dry-run=0" overrides OPENPI_DUQUANT_DRYRUN=1.
+        command.add_flag("--" + setting.key + "{1}", values[setting.key], help + " (--" + setting.key + "=0 to turn off)");
       } else {
         command.add_option("--" + setting.key, values[setting.key], help);
       }
@@ -63,9 +74,6 @@ struct SettingFlags {
     });
     for (const auto& [key, value] : values) {
       if (command.count("--" + key)) config.apply_flag(key, value);
-    }
-    for (const auto& [key, on] : switches) {
-      if (on) config.apply_flag(key, "1");
     }
     return config;
   }
@@ -105,6 +113,9 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
                     "less accurately",
                     ExitCode::Usage);
   }
+  if (data_free && !calibration_path.empty()) {
+    throw UserError("--data-free and --calib exclude each other; drop one", ExitCode::Usage);
+  }
   if (report_path.empty()) report_path = default_report_path(output_path);
   check_writable(output_path);
   check_writable(report_path);
@@ -118,7 +129,7 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
     }
   }
   print_configuration(config, std::cout);
-  std::cout << fmt::format("[DUQUANT] Matched Linear layers: {}\n", count_targets(decisions));
+  print_matched_count(decisions, std::cout);
   std::optional<ModelInputs> calibration;
   if (!data_free) calibration = load_inputs(calibration_path);
 
@@ -132,9 +143,15 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   if (terminal) fmt::print(stderr, "\n");
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
-  save_model_atomically(result.model, output_path);
+  // Both files or neither: the report goes first and is removed again if the model cannot be written.
   write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
                         report_path);
+  try {
+    save_model_atomically(result.model, output_path);
+  } catch (...) {
+    std::remove(report_path.c_str());
+    throw;
+  }
   std::cout << fmt::format("[DUQUANT] target layer memory: {:.2f} MiB as bf16, {:.2f} MiB as W4A8 ({:.2f}x smaller)\n",
                            result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
                            static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1));
@@ -220,6 +237,16 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
     }
   }
   if (layers.empty()) throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
+  if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
+  std::map<std::string, torch::jit::Module> originals;
+  for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
+  for (const auto& path : layers) {
+    if (!originals.count(path) || !is_linear(originals.at(path))) {
+      throw UserError(fmt::format("'{}' has no Linear at '{}', where '{}' has a W4A8 layer; give the model that was "
+                                  "quantized",
+                                  original_path, path, quantized_path));
+    }
+  }
 
   const auto exact = output_tensor(run_forward(original, inputs));
   const auto approximate = output_tensor(run_forward(quantized, inputs));
@@ -231,8 +258,6 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
   // Per layer: the W4A8 layer and the original float layer on the same observed input rows.
   torch::NoGradGuard no_grad;
   const auto statistics = calibrate(original, layers, inputs, rows);
-  std::map<std::string, torch::jit::Module> originals;
-  for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
   std::vector<std::pair<std::string, ErrorFigures>> per_layer;
   for (const auto& path : layers) {
     const auto& sample = statistics.at(path).sample;
@@ -324,10 +349,10 @@ int main(int argc, char** argv) {
     std::cerr << "duquant: error: " << error.what() << "\n";
     return static_cast<int>(error.code());
   } catch (const c10::Error& error) {
-    std::cerr << "duquant: error: " << error.what_without_backtrace() << "\n";
+    std::cerr << "duquant: error: " << one_line(error.what_without_backtrace()) << "\n";
     return static_cast<int>(ExitCode::Failure);
   } catch (const std::exception& error) {
-    std::cerr << "duquant: error: " << error.what() << "\n";
+    std::cerr << "duquant: error: " << one_line(error.what()) << "\n";
     return static_cast<int>(ExitCode::Failure);
   }
   return 0;

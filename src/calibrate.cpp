@@ -15,19 +15,21 @@ std::vector<ScriptModuleClass::Attribute> observer_attributes() {
   auto tensor = c10::TensorType::get();
   return {{"weight", tensor, true},  {"bias", tensor, true},  {"has_bias", c10::BoolType::get()},
           {"absmax", tensor, true},  {"sample", tensor, true}, {"sample_limit", c10::IntType::get()},
-          {"tokens", c10::IntType::get()}};
+          {"tokens", c10::IntType::get()}, {"stride", c10::IntType::get()}};
 }
 
-// The row sample is bounded: each call contributes rows at a stride that fits the limit, and when
-// the kept rows overflow it they are decimated by two, so long runs (10 expert steps) stay covered
-// from first to last call.
+// The row sample is bounded and uniform over every token of every call: it keeps the tokens whose
+// running index is a multiple of `stride`, and when it overflows it keeps every other row and
+// doubles the stride, which leaves exactly the multiples of the new stride. So the 10 expert
+// steps are covered evenly from first to last, whatever the limit.
 constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.size(-1)).float()
     self.absmax = torch.maximum(self.absmax, torch.amax(torch.abs(flat), [0], False))
+    first = (self.stride - self.tokens % self.stride) % self.stride
+    self.sample = torch.cat([self.sample, flat[first::self.stride]], 0)
     self.tokens = self.tokens + flat.size(0)
-    step = max(1, flat.size(0) // self.sample_limit)
-    self.sample = torch.cat([self.sample, flat[::step]], 0)
     while self.sample.size(0) > self.sample_limit:
         self.sample = self.sample[::2]
+        self.stride = self.stride * 2
     bias: Optional[Tensor] = None
     if self.has_bias:
         bias = self.bias
@@ -58,7 +60,7 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                 method_names(linear),
                                 {weight, bias.defined() ? bias : torch::empty({0}, weight.options()),
                                  bias.defined(), torch::zeros({in_features}), torch::zeros({0, in_features}),
-                                 sample_rows, int64_t{0}}));
+                                 sample_rows, int64_t{0}, int64_t{1}}));
   }
   auto observing = replace_submodules(model, observers);
   run_forward(observing, inputs);
@@ -70,8 +72,8 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     stats.sample = observer.attr("sample").toTensor();
     stats.tokens = observer.attr("tokens").toInt();
     if (stats.tokens == 0) {
-      throw UserError(fmt::format("layer '{}' was not called by the model's forward on the calibration inputs; "
-                                  "exclude it or give inputs that reach it",
+      throw UserError(fmt::format("layer '{}' was not called by the model's forward on the given inputs; exclude "
+                                  "it from the selection or give inputs that reach it",
                                   path));
     }
     if (!torch::isfinite(stats.absmax).all().item<bool>()) {

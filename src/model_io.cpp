@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 
 #include "duquant/errors.h"
 
@@ -19,6 +20,19 @@ namespace {
 std::string first_line(const std::string& text) {
   const auto end = text.find('\n');
   return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
+// the last "RuntimeError: ..." (or last non-empty) line.
+std::string interpreter_message(const std::string& text) {
+  std::string best, line;
+  std::istringstream lines(text);
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    if (line.rfind("RuntimeError: ", 0) == 0) return line.substr(14);
+    best = line;
+  }
+  return best;
 }
 
 bool starts_with_zip_magic(const std::string& path) {
@@ -128,8 +142,15 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
   try {
     return model.forward(inputs.values);
   } catch (const c10::Error& error) {
-    throw UserError(fmt::format("the model's {} failed on the inputs ({}): {}", forward_signature(model),
-                                fmt::join(inputs.names, ", "), first_line(error.what_without_backtrace())));
+    throw UserError(fmt::format("the model's {} failed on the inputs ({}): {}; give inputs of the shapes this model "
+                                "was exported for",
+                                forward_signature(model), fmt::join(inputs.names, ", "),
+                                interpreter_message(error.what_without_backtrace())));
+  } catch (const std::exception& error) {
+    throw UserError(fmt::format("the model's {} failed on the inputs ({}): {}; give inputs of the shapes this model "
+                                "was exported for",
+                                forward_signature(model), fmt::join(inputs.names, ", "),
+                                interpreter_message(error.what())));
   }
 }
 

@@ -77,7 +77,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
 
   QuantizeResult result;
   result.data_free = calibration == nullptr;
-  result.calibration_rows = recipe.calibration_rows;
+  result.calibration_row_limit = recipe.calibration_rows;
   const auto calibration_start = Clock::now();
   std::map<std::string, LayerStatistics> statistics;
   std::vector<std::vector<std::string>> groups;
@@ -154,6 +154,8 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.peak_to_mean_after = transform.peak_to_mean_after;
       report.weight_output_error = quantized.output_relative_error;
       report.mean_clip_ratio = quantized.mean_clip_ratio;
+      report.calibration_rows = stats.sample.size(0);
+      report.calibration_tokens = stats.tokens;
       report.layer_output_error = std::numeric_limits<double>::quiet_NaN();
       if (calibration) {
         // The deployed operator on the calibration rows against the float layer.

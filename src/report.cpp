@@ -38,8 +38,12 @@ int64_t count_targets(const std::vector<LinearDecision>& decisions) {
   return targets;
 }
 
-void print_selection(const std::vector<LinearDecision>& decisions, const QuantizeRecipe& recipe, std::ostream& out) {
+void print_matched_count(const std::vector<LinearDecision>& decisions, std::ostream& out) {
   fmt::print(out, "[DUQUANT] Matched Linear layers: {}\n", count_targets(decisions));
+}
+
+void print_selection(const std::vector<LinearDecision>& decisions, const QuantizeRecipe& recipe, std::ostream& out) {
+  print_matched_count(decisions, out);
   for (const auto& d : decisions) {
     if (d.target) {
       fmt::print(out, "[DUQUANT][DRYRUN] {}: Linear({}->{}) -> {} [{}]\n", d.path, d.in_features, d.out_features,
@@ -106,7 +110,7 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
   json["input"] = input_path;
   json["output"] = output_path;
   json["data_free"] = result.data_free;
-  json["calibration_rows_per_layer"] = result.calibration_rows;
+  json["calibration_row_limit"] = result.calibration_row_limit;
   json["calibration_seconds"] = result.calibration_seconds;
   json["transform_seconds"] = result.transform_seconds;
   json["target_memory"] = {{"bf16_bytes", result.bf16_bytes}, {"w4a8_bytes", result.w4a8_bytes},
@@ -130,7 +134,9 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
                               {"activation_peak_to_mean_after", layer.peak_to_mean_after},
                               {"weight_quantization_error", number_or_null(layer.weight_output_error)},
                               {"layer_output_error", number_or_null(layer.layer_output_error)},
-                              {"mean_clip_ratio", layer.mean_clip_ratio}});
+                              {"mean_clip_ratio", layer.mean_clip_ratio},
+                              {"calibration_rows", layer.calibration_rows},
+                              {"calibration_tokens", layer.calibration_tokens}});
   }
   json["layers_replaced"] = result.layers.size();
   return json;

@@ -4,6 +4,7 @@
 #include <torch/csrc/jit/frontend/resolver.h>
 #include <torch/csrc/jit/frontend/sugared_value.h>
 
+#include <algorithm>
 #include <functional>
 #include <set>
 
@@ -171,8 +172,13 @@ void check_targets_replaceable(const Module& model, const std::vector<std::strin
   const std::set<std::string> targets(target_paths.begin(), target_paths.end());
   for (const auto& item : model.named_modules()) {
     auto type = item.value.type();
-    if (targets.count(item.name) && has_hooks(type)) {
-      throw UserError(fmt::format("layer '{}' has forward hooks; remove them before quantizing", item.name));
+    const bool contains_target = std::any_of(targets.begin(), targets.end(), [&](const std::string& target) {
+      return target == item.name || item.name.empty() || target.rfind(item.name + ".", 0) == 0;
+    });
+    if (contains_target && has_hooks(type)) {
+      throw UserError(fmt::format("module '{}' has forward hooks and is or contains a target; remove the hooks "
+                                  "before quantizing",
+                                  item.name.empty() ? "<root>" : item.name));
     }
     // Follow module-valued prim::GetAttr chains from `self` through every method of this
     // module; a value that is a target may only be the `self` of a prim::CallMethod.

@@ -13,8 +13,8 @@ namespace {
 using testing::fixture;
 using testing::run_cli;
 
-const std::string kNoteExclude =
-    "'(?:^|\\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\\.|$)'";
+// Quoted for the shell.
+const std::string kNoteExclude = "'" + testing::kNoteExclude + "'";
 
 int count_lines_starting(const std::string& text, const std::string& prefix) {
   int count = 0;
@@ -106,9 +106,40 @@ TEST(Cli, BadInputs) {
   EXPECT_EQ(unknown.exit_code, 2) << unknown.output;
   EXPECT_NE(unknown.output.find("no-such-flag"), std::string::npos);
 
-  expect_one_line_error(run_cli("quantize " + model + " -o /nonexistent_dir/q.pt --calib x"), 1, "does not exist");
+  expect_one_line_error(run_cli("quantize " + model + " -o /nonexistent_dir/q.pt --calib x"), 1,
+                        "directory '/nonexistent_dir' does not exist");
+  expect_one_line_error(run_cli("quantize " + model + " -o " + dir + "/q.pt --calib x --data-free"), 2, "exclude each other");
   expect_one_line_error(run_cli("quantize " + model + " -o " + dir + "/q.pt"), 2, "--calib");
   EXPECT_FALSE(testing::file_exists(dir + "/q.pt"));
+}
+
+// The fork's per-layer and total lines that LIBERO scripts grep, the report, and a flag turning off
+// a switch that the environment turned on.
+TEST(Cli, QuantizeWritesForkLinesModelAndReport) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto dir = testing::temporary_directory("quantize");
+  const std::string expert = "paligemma_with_expert.gemma_expert.model.layers.2.";
+  const auto result = run_cli("quantize " + model + " -o " + dir + "/q.pt --calib " + fixture("pi0_tiny.inputs.pt") +
+                                  " --dry-run=0 --rotation-steps 16 --layers " + expert + "self_attn.q_proj," + expert +
+                                  "self_attn.k_proj," + expert + "self_attn.v_proj," + expert + "mlp.down_proj",
+                              "OPENPI_DUQUANT_DRYRUN=1");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("[DUQUANT] Matched Linear layers: 4\n"), std::string::npos);
+  EXPECT_NE(result.output.find("[DUQUANT] Total layers replaced: 4\n"), std::string::npos);
+  EXPECT_EQ(count_lines_starting(result.output, "[DUQUANT][REPLACED] "), 4);
+  EXPECT_TRUE(std::regex_search(
+      result.output,
+      std::regex(R"(\[DUQUANT\]\[REPLACED\] paligemma_with_expert\.gemma_expert\.model\.layers\.2\.mlp\.down_proj: Linear\(\d+->\d+\) -> DuQuantLinear W4 A8 duquant)")));
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(k_proj: .*\(transform shared with \S+q_proj\))")));
+  EXPECT_TRUE(testing::file_exists(dir + "/q.pt"));
+  std::ifstream report(dir + "/q.report.json");
+  ASSERT_TRUE(report) << "no report next to the model";
+  const std::string json((std::istreambuf_iterator<char>(report)), std::istreambuf_iterator<char>());
+  for (const auto* key : {"\"layers_replaced\": 4", "\"rotation1_steps\"", "\"activation_peak_to_mean_before\"",
+                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\""}) {
+    EXPECT_NE(json.find(key), std::string::npos) << key;
+  }
 }
 
 }  // namespace

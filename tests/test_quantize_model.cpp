@@ -17,8 +17,7 @@
 namespace duquant {
 namespace {
 
-const std::string kNoteExclude =
-    "(?:^|\\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\\.|$)";
+using testing::kNoteExclude;
 const std::string kLlm0 = "paligemma_with_expert.paligemma.model.language_model.layers.0.";
 const std::string kExpert0 = "paligemma_with_expert.gemma_expert.model.layers.0.";
 
@@ -167,6 +166,18 @@ TEST(QuantizeRefusals, AlreadyQuantizedWrongInputsAndNaN) {
     FAIL() << "quantizing a quantized model was accepted";
   } catch (const UserError& error) {
     EXPECT_NE(std::string(error.what()).find("already quantized"), std::string::npos) << error.what();
+  }
+
+  // Right count, wrong shape: the interpreter's traceback becomes one line naming the signature.
+  auto reshaped = inputs;
+  reshaped.values[0] = torch::zeros({1, 3, 3, 7, 7});
+  try {
+    quantize_with(model, reshaped, config);
+    FAIL() << "wrongly shaped inputs were accepted";
+  } catch (const UserError& error) {
+    const std::string message = error.what();
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    EXPECT_NE(message.find("forward(images"), std::string::npos) << message;
   }
 
   const auto wrong_inputs = load_inputs(testing::fixture("pi05_tiny.inputs.pt"));

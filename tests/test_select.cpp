@@ -15,8 +15,7 @@ namespace duquant {
 namespace {
 
 // The note's exclude regex (../shared/spec/vision_exclusion_verified.md).
-const std::string kNoteExclude =
-    "(?:^|\\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\\.|$)";
+using testing::kNoteExclude;
 
 Config config_with(const std::map<std::string, std::string>& environment) {
   Config config = Config::defaults();

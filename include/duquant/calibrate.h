@@ -16,7 +16,7 @@ namespace duquant {
 
 struct LayerStatistics {
   torch::Tensor absmax;  // float32 [in_features]: max |x| over every calibration token
-  torch::Tensor sample;  // float32 [rows, in_features]: evenly decimated token rows, rows <= limit
+  torch::Tensor sample;  // float32 [rows, in_features]: every stride-th token over all calls, rows <= limit
   int64_t tokens = 0;    // calibration tokens seen
 };
 

@@ -30,6 +30,8 @@ struct LayerReport {
   double weight_output_error = 0;  // relative, on the calibration sample (NaN data-free)
   double layer_output_error = 0;   // W4A8 layer vs float layer on the calibration sample
   double mean_clip_ratio = 1;
+  int64_t calibration_rows = 0;    // sampled token rows the transform and clipping were learnt from
+  int64_t calibration_tokens = 0;  // tokens observed (absmax covers all of them)
 };
 
 struct QuantizeResult {
@@ -37,7 +39,7 @@ struct QuantizeResult {
   std::vector<LayerReport> layers;
   double calibration_seconds = 0;
   double transform_seconds = 0;
-  int64_t calibration_rows = 0;
+  int64_t calibration_row_limit = 0;
   bool data_free = false;
   // Memory of the target layers: their weights and biases in bf16, and every buffer of the W4A8
   // layers (transform tensors shared by q/k/v or gate/up counted once).

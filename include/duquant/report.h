@@ -23,6 +23,7 @@ void print_configuration(const Config& config, std::ostream& out);
 void print_selection(const std::vector<LinearDecision>& decisions, const QuantizeRecipe& recipe, std::ostream& out);
 void print_component_table(const std::vector<LinearDecision>& decisions, std::ostream& out);
 int64_t count_targets(const std::vector<LinearDecision>& decisions);
+void print_matched_count(const std::vector<LinearDecision>& decisions, std::ostream& out);  // the fork's line
 
 std::string replaced_line(const LayerReport& layer);  // "[DUQUANT][REPLACED] path: Linear(..) -> DuQuantLinear W4 A8 ..."
 

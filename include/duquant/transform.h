@@ -45,8 +45,10 @@ struct LayerTransform {
 torch::Tensor smoothing_scales(const torch::Tensor& activation_absmax, const torch::Tensor& weight_absmax,
                                double alpha);
 
-// R~ of step 2: orthogonal b x b with first row all 1/sqrt(b), times blockdiag(1, Q'), Q' random
-// orthogonal from `seed`. float64.
+// R~ of step 2: blockdiag(1, Q') times an orthogonal b x b matrix whose first row is all 1/sqrt(b),
+// Q' random orthogonal from `seed`, float64. Q' multiplies from the left so that row 0 stays
+// uniform: the outlier channel moved to row 0 is spread evenly over the block (multiplying from
+// the right would mix that row too).
 torch::Tensor base_rotation(int64_t block_size, uint64_t seed);
 
 struct GreedyRotation {
