@@ -333,9 +333,13 @@ int main(int argc, char** argv) {
 
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::CallForAllHelp& help) {
+    return app.exit(help);
   } catch (const CLI::ParseError& error) {
-    const int code = app.exit(error);
-    return code == 0 ? 0 : static_cast<int>(ExitCode::Usage);
+    std::cerr << "duquant: error: " << one_line(error.what()) << "; see duquant --help\n";
+    return static_cast<int>(ExitCode::Usage);
   }
   try {
     if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
