@@ -35,8 +35,13 @@ fi
 
 TORCH_PREFIX="$(.venv/bin/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 if [ ! -f build/CMakeCache.txt ]; then
+  # ccache, when installed, makes rebuilds in other checkouts (worktrees, CI clones) cheap.
+  launcher=()
+  if command -v ccache >/dev/null; then
+    launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+  fi
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" \
-    -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" >/dev/null
+    -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" "${launcher[@]}" >/dev/null
 fi
 # Two jobs: each LibTorch translation unit needs over 1 GB of memory to compile.
 cmake --build build -j "${DUQUANT_BUILD_JOBS:-2}"
