@@ -1,7 +1,7 @@
 // duquant: select, quantize (W4A8 DuQuant), run and verify TorchScript pi0 models.
 //   duquant list MODEL                          which Linear layers would be quantized, and why
 //   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
-//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs
+//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs [--cuda-graph]
 //   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
 // Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
 #include <CLI/CLI.hpp>
@@ -20,6 +20,7 @@
 
 #include "duquant/calibrate.h"
 #include "duquant/config.h"
+#include "duquant/cuda_graph.h"
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
 #include "duquant/quantize_model.h"
@@ -171,18 +172,41 @@ torch::Tensor output_tensor(const torch::jit::IValue& output) {
   throw UserError("the model's forward does not return a tensor (or a tuple starting with one)");
 }
 
+// "auto" is CUDA when a device is present, else the CPU.
 torch::Device parse_device(const std::string& name) {
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
   if (name == "cpu") return torch::kCPU;
   if (name == "cuda") {
     if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
     return torch::kCUDA;
   }
-  throw UserError(fmt::format("--device '{}' is unknown; use cpu or cuda", name), ExitCode::Usage);
+  throw UserError(fmt::format("--device '{}' is unknown; use auto, cpu or cuda", name), ExitCode::Usage);
 }
 
+struct RunOptions {
+  std::string device = "auto";
+  bool cuda_graph = false;
+  int repeat = 1;
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t middle = values.size() / 2;
+  return values.size() % 2 ? values[middle] : 0.5 * (values[middle - 1] + values[middle]);
+}
+
+// --repeat N times the first call and the median of the others (one-shot vs steady state);
+// --cuda-graph captures the forward once (include/duquant/cuda_graph.h) and replays it.
 int run(const std::string& model_path, const std::string& inputs_path, const std::string& save_path,
-        const std::string& device_name) {
-  const auto device = parse_device(device_name);
+        const RunOptions& options) {
+  const auto device = parse_device(options.device);
+  if (options.cuda_graph && !device.is_cuda()) {
+    throw UserError(options.device == "auto"
+                        ? "--cuda-graph needs a CUDA device and none is available; run without --cuda-graph"
+                        : "--cuda-graph needs --device cuda (or auto on a machine with a GPU); drop --cuda-graph to "
+                          "run on the CPU",
+                    options.device == "auto" ? ExitCode::Failure : ExitCode::Usage);
+  }
   auto model = load_model(model_path);
   auto inputs = load_inputs(inputs_path);
   if (!save_path.empty()) check_writable(save_path);
@@ -190,14 +214,43 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
   for (auto& value : inputs.values) {
     if (value.isTensor()) value = value.toTensor().to(device);
   }
-  const auto start = Clock::now();
-  const auto output = output_tensor(run_forward(model, inputs)).to(torch::kCPU);
-  const double seconds = seconds_since(start);
+  // Host clock around each call, finished on the device: the latency a caller waits for.
+  auto finish = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  std::unique_ptr<CudaGraphRunner> graph;
+  torch::jit::IValue result;
+  auto start = Clock::now();
+  if (options.cuda_graph) {
+    graph = CudaGraphRunner::capture(model, inputs);
+    result = graph->replay();
+  } else {
+    result = run_forward(model, inputs);
+  }
+  finish();
+  const double first_seconds = seconds_since(start);
+  std::vector<double> steady_seconds;
+  for (int call = 1; call < options.repeat; ++call) {
+    start = Clock::now();
+    result = graph ? graph->replay() : run_forward(model, inputs);
+    finish();
+    steady_seconds.push_back(seconds_since(start));
+  }
+  const auto output = output_tensor(result).to(torch::kCPU);
   const auto as_float = output.to(torch::kFloat);
+  const std::string where = fmt::format("{}{}", device.str(), graph ? " (CUDA graph)" : "");
   std::cout << fmt::format("[DUQUANT] ran {} on {}: output {} {} in {:.3f} s; mean {:.6g}, std {:.6g}, max |y| {:.6g}\n",
-                           model_path, device_name, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
-                           seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
+                           model_path, where, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
+                           first_seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
                            as_float.abs().max().item<double>());
+  if (!steady_seconds.empty()) {
+    const auto [fastest, slowest] = std::minmax_element(steady_seconds.begin(), steady_seconds.end());
+    std::cout << fmt::format("[DUQUANT] {} calls: first {:.2f} ms{}, then median {:.2f} ms (min {:.2f}, max {:.2f}) "
+                             "over {} call{}\n",
+                             options.repeat, 1e3 * first_seconds, graph ? " (warm-up, capture and one replay)" : "",
+                             1e3 * median(steady_seconds), 1e3 * *fastest, 1e3 * *slowest, steady_seconds.size(),
+                             steady_seconds.size() == 1 ? "" : "s");
+  }
   if (!save_path.empty()) {
     torch::jit::Module container(c10::QualifiedName("__torch__.duquant.Output"),
                                  std::make_shared<torch::jit::CompilationUnit>());
@@ -299,7 +352,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   std::string model_path, output_path, calibration_path, report_path, inputs_path, save_path, json_path;
-  std::string quantized_path, device = "cpu";
+  std::string quantized_path;
+  RunOptions run_options;
   bool json = false, data_free = false;
   int64_t rows = 256;
 
@@ -322,7 +376,11 @@ int main(int argc, char** argv) {
   run_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
   run_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
   run_command->add_option("--save", save_path, "write the output tensor (TorchScript container, buffer 'output')");
-  run_command->add_option("--device", device, "cpu or cuda");
+  run_command->add_option("--device", run_options.device, "auto (CUDA when present), cpu or cuda");
+  run_command->add_flag("--cuda-graph", run_options.cuda_graph,
+                        "capture the whole forward into a CUDA graph once, then replay it (needs CUDA)");
+  run_command->add_option("--repeat", run_options.repeat, "run N times: first call and median of the others")
+      ->check(CLI::Range(1, 1000000));
 
   auto* verify_command = app.add_subcommand("verify", "compare a quantized model with its original");
   verify_command->add_option("original", model_path, "original TorchScript model")->required();
@@ -347,7 +405,7 @@ int main(int argc, char** argv) {
       return quantize(model_path, output_path, calibration_path, data_free, report_path,
                       quantize_flags.resolve(*quantize_command));
     }
-    if (run_command->parsed()) return run(model_path, inputs_path, save_path, device);
+    if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
     if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);
   } catch (const UserError& error) {
     std::cerr << "duquant: error: " << error.what() << "\n";

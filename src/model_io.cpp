@@ -22,8 +22,8 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
-// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
-// the last "RuntimeError: ..." (or last non-empty) line.
+}  // namespace
+
 std::string interpreter_message(const std::string& text) {
   std::string best, line;
   std::istringstream lines(text);
@@ -34,6 +34,8 @@ std::string interpreter_message(const std::string& text) {
   }
   return best;
 }
+
+namespace {
 
 bool starts_with_zip_magic(const std::string& path) {
   std::ifstream file(path, std::ios::binary);

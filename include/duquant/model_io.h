@@ -21,6 +21,10 @@ struct ModelInputs {
 };
 ModelInputs load_inputs(const std::string& path);
 
+// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
+// the last "RuntimeError: ..." (or last non-empty) line; this returns that line's message.
+std::string interpreter_message(const std::string& text);
+
 // "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
 std::string forward_signature(const torch::jit::Module& model);
 
