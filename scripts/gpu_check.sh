@@ -74,6 +74,7 @@ case "${1:-}" in
     # arch-specific instructions).
     capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')"
     [ "$capability" = "9.0" ] && capability="9.0a"
+    capability="${capability:-8.0;9.0a}"
     generator=(-G Ninja)
     command -v ninja > /dev/null || generator=()
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -155,6 +156,8 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
                                 interpreter_message(error.what())));
   }
 }
+
+void use_one_shot_executor() { torch::jit::setGraphExecutorOptimize(false); }
 
 bool path_exists(const std::string& path) {
   struct stat info {};

@@ -136,9 +136,19 @@ TEST(Cli, QuantizeWritesForkLinesModelAndReport) {
   ASSERT_TRUE(report) << "no report next to the model";
   const std::string json((std::istreambuf_iterator<char>(report)), std::istreambuf_iterator<char>());
   for (const auto* key : {"\"layers_replaced\": 4", "\"rotation1_steps\"", "\"activation_peak_to_mean_before\"",
-                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\""}) {
+                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\"",
+                          "\"peak_rss_bytes\""}) {
     EXPECT_NE(json.find(key), std::string::npos) << key;
   }
+  // The per-stage table, on stdout and in the report, covers the whole run from load to save.
+  for (const auto* stage : {"load", "calibration", "rotation search", "permutation", "weight transform",
+                            "clip search", "rounding", "packing", "layer check", "swap", "save"}) {
+    EXPECT_TRUE(std::regex_search(result.output, std::regex("\\[DUQUANT\\] stage " + std::string(stage) +
+                                                             " +[0-9.]+ s")))
+        << stage;
+    EXPECT_NE(json.find("\"" + std::string(stage) + "\": "), std::string::npos) << stage;
+  }
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] total [0-9.]+ s, peak RSS [0-9.]+ GiB)")));
 }
 
 // `run`: the device and graph flags refuse what cannot work in one line; --repeat reports the

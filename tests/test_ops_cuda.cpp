@@ -431,6 +431,9 @@ struct CaptureCase {
   int64_t act_bits = kActBits;
 };
 
+// ctest lists parameterised cases with their printed parameter: the case name, not its bytes.
+void PrintTo(const CaptureCase& capture_case, std::ostream* out) { *out << capture_case.name; }
+
 class W4A8LinearCudaGraph : public ::testing::TestWithParam<CaptureCase> {};
 
 // The integer kernels are deterministic: bit for bit. The float path (act_bits 0) runs cuBLAS,

@@ -32,6 +32,12 @@ std::string forward_signature(const torch::jit::Module& model);
 // the expected signature and the given inputs.
 torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inputs);
 
+// TorchScript's default (profiling) executor profiles the first call of a graph and re-optimises
+// it on the second: seconds on the unrolled 10-step pi0 graph, which a one-shot run (calibration,
+// `run`, `verify`) never amortises. This turns graph optimisation off for the whole process, so
+// every call runs the graph as exported (DESIGN.md section 5).
+void use_one_shot_executor();
+
 // Fails early (before any work) when `path` cannot be written; writes go to a temporary file in
 // the same directory and are renamed over `path` only when complete.
 void check_writable(const std::string& path);
