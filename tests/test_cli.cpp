@@ -1,6 +1,8 @@
 // The command line as a user's shell script sees it: the fork's log lines, exit codes, and a
 // one-line error naming problem and fix for every bad input, with no partial output left behind.
 #include <gtest/gtest.h>
+#include <torch/script.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <regex>
@@ -138,6 +140,66 @@ TEST(Cli, QuantizeWritesForkLinesModelAndReport) {
                           "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\""}) {
     EXPECT_NE(json.find(key), std::string::npos) << key;
   }
+}
+
+// The original is never replaced. Each refusal comes before any work: the model here is not even
+// TorchScript, so an error about loading it would mean the check came too late.
+class OverwriteRefusal : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir = testing::temporary_directory("overwrite");
+    model = dir + "/model.pt";
+    std::ofstream(model) << "the user's original model\n";
+  }
+  std::string model_bytes() const {
+    std::ifstream in(model, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  void expect_refused(const std::string& arguments, const std::string& mention) {
+    expect_one_line_error(run_cli("quantize " + model + " " + arguments + " --calib " + dir + "/calib.pt"), 2, mention);
+    EXPECT_EQ(model_bytes(), "the user's original model\n");
+  }
+  std::string dir, model;
+};
+
+TEST_F(OverwriteRefusal, OutputThatIsTheInputPath) { expect_refused("-o " + model, "is the input model"); }
+
+TEST_F(OverwriteRefusal, OutputThatIsASymbolicLinkToTheInput) {
+  ASSERT_EQ(symlink(model.c_str(), (dir + "/link.pt").c_str()), 0);
+  expect_refused("-o " + dir + "/link.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, OutputThatIsAHardLinkToTheInput) {
+  ASSERT_EQ(link(model.c_str(), (dir + "/hard.pt").c_str()), 0);
+  expect_refused("-o " + dir + "/hard.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, OutputThroughAnotherSpellingOfThePath) {
+  expect_refused("-o " + dir + "/./model.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, ReportPathThatIsTheInput) {
+  expect_refused("-o " + dir + "/q.pt --report " + model, "the report");
+  EXPECT_FALSE(testing::file_exists(dir + "/q.pt"));
+}
+
+TEST_F(OverwriteRefusal, ReportPathThatIsTheOutput) {
+  expect_refused("-o " + dir + "/q.pt --report " + dir + "/q.pt", "is the output model");
+}
+
+// An ambiguous scope is a one-line usage error naming both candidates.
+TEST(Cli, AmbiguousScopeDetectionIsAOneLineError) {
+  const auto dir = testing::temporary_directory("ambiguous");
+  auto make = [] {
+    return torch::jit::Module(c10::QualifiedName("__torch__.Container"), std::make_shared<torch::jit::CompilationUnit>());
+  };
+  torch::jit::Module root = make(), first = make(), second = make();
+  first.register_module("paligemma_with_expert", make());
+  second.register_module("paligemma_with_expert", make());
+  root.register_module("policy", first);
+  root.register_module("ema", second);
+  root.save(dir + "/two.pt");
+  expect_one_line_error(run_cli("list " + dir + "/two.pt"), 2, "cannot detect the scope");
 }
 
 }  // namespace
