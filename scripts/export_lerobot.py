@@ -303,13 +303,43 @@ def new_config(policy_type: str, dtype: str, image_size: Optional[int]):
     return config
 
 
+@contextlib.contextmanager
+def construct_paligemma_in(dtype: torch.dtype):
+    """While active, lerobot's PaliGemmaWithExpertModel allocates its parameters in `dtype`. lerobot
+    builds it in float32 and then casts: for a full-size bf16 pi0 that is a 16 GB peak for an 8 GB
+    model. Its own cast (vision tower and norms back to float32) still runs."""
+    from lerobot.policies.pi0 import modeling_pi0
+    from lerobot.policies.pi05 import modeling_pi05
+    originals = {module: module.PaliGemmaWithExpertModel for module in (modeling_pi0, modeling_pi05)}
+
+    def constructor(real):
+        def construct(*args, **kwargs):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.set_default_dtype(previous)
+        return construct
+
+    for module, real in originals.items():
+        module.PaliGemmaWithExpertModel = constructor(real)
+    try:
+        yield
+    finally:
+        for module, real in originals.items():
+            module.PaliGemmaWithExpertModel = real
+
+
 def build_random_policy(policy_type: str, size: str, dtype: str, seed: int):
     torch.manual_seed(seed)
+    precision = construct_paligemma_in(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     if size == "tiny":
         dimensions = TinyDimensions()
-        with tiny_lerobot_sizes(dimensions):
+        with tiny_lerobot_sizes(dimensions), precision:
             return policy_class(policy_type)(new_config(policy_type, dtype, dimensions.image_size))
-    return policy_class(policy_type)(new_config(policy_type, dtype, None))
+    with precision:
+        return policy_class(policy_type)(new_config(policy_type, dtype, None))
 
 
 def load_checkpoint_policy(directory: str, size: str, dtype: Optional[str]):
@@ -332,7 +362,8 @@ def load_checkpoint_policy(directory: str, size: str, dtype: Optional[str]):
         config.dtype = dtype
     config.device = "cpu"
     sizes = tiny_lerobot_sizes(TinyDimensions()) if size == "tiny" else contextlib.nullcontext()
-    with sizes, contextlib.redirect_stdout(sys.stderr):
+    precision = construct_paligemma_in(torch.bfloat16 if config.dtype == "bfloat16" else torch.float32)
+    with sizes, precision, contextlib.redirect_stdout(sys.stderr):
         policy = cls.from_pretrained(directory, config=config, local_files_only=True, strict=True)
     saved = load_file(weights_path)
     loaded = policy.state_dict()

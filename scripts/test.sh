@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: install and build (scripts/setup.sh), generate the tiny test models (and the
-# tiny lerobot exports), run
-# every C++ (GoogleTest) and Python (pytest) test through CTest. GPU tests skip without a GPU.
+# The whole test suite: install and build (scripts/setup.sh), generate the tiny test models and the
+# tiny lerobot exports, run every C++ (GoogleTest) and Python (pytest) test through CTest. GPU tests
+# skip without a GPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
