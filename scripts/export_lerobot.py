@@ -126,7 +126,8 @@ class SampleActions(nn.Module):
         if self.convention == "lerobot_pi0":
             # In lerobot's bfloat16 precision the state projection is bf16 while batches carry
             # float32 states; predict_action_chunk would fail on them, the export takes float32.
-            state = state.to(self.model.state_proj.weight.dtype)
+            if isinstance(getattr(self.model, "state_proj", None), nn.Linear):
+                state = state.to(self.model.state_proj.weight.dtype)
             return self.model.sample_actions(image_list, mask_list, tokens, token_masks, state, noise=noise, **steps)
         if self.convention == "lerobot_pi05":
             return self.model.sample_actions(image_list, mask_list, tokens, token_masks, noise=noise, **steps)
@@ -406,17 +407,26 @@ def synthetic_observation(policy, policy_type: str, seed: int, batch: int) -> Di
     return observation
 
 
+def dataset_class(directory: str):
+    """lerobot's LeRobotDataset, after checking what --dataset needs (run before any work)."""
+    if not os.path.isfile(os.path.join(directory, "meta", "info.json")):
+        raise ExportError(f"--dataset '{directory}' is not a LeRobot dataset directory (no meta/info.json); give the "
+                          "local dataset root")
+    try:
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    except ImportError as error:
+        raise ExportError(f"--dataset needs lerobot's dataset extra ({str(error).splitlines()[0]}); install it with "
+                          ".venv/bin/pip install 'lerobot[dataset]==0.6.1'")
+    return LeRobotDataset
+
+
 def dataset_observations(policy, policy_type: str, directory: str, count: int, seed: int,
                          tokenizer: Optional[str]) -> List[Dict[str, Tensor]]:
     """`count` frames spread over a local LeRobot dataset (lerobot's LeRobotDataset with root=
     directory; needs `pip install lerobot[dataset]`), run through the policy's own input
     preparation; prompts tokenised with the PaliGemma tokenizer from `tokenizer` (a local
     directory) or the local Hugging Face cache."""
-    try:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    except ImportError as error:
-        raise ExportError(f"--dataset needs lerobot's dataset extra ({error}); install it with "
-                          f".venv/bin/pip install 'lerobot[dataset]==0.6.1'")
+    LeRobotDataset = dataset_class(directory)
     from transformers import AutoTokenizer
     try:
         tokenize = AutoTokenizer.from_pretrained(tokenizer or "google/paligemma-3b-pt-224", local_files_only=True)
@@ -491,6 +501,8 @@ def export(args) -> int:
         directory = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(directory):
             raise ExportError(f"output directory '{directory}' does not exist; create it first")
+    if args.dataset:
+        dataset_class(args.dataset)
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype] if args.dtype else None
     if args.checkpoint:
         policy, policy_type = load_checkpoint_policy(args.checkpoint, args.size or "full", dtype)

@@ -16,7 +16,7 @@ export_policy() {  # policy dtype
   "$ROOT/.venv/bin/python" -W ignore "$ROOT/scripts/export_lerobot.py" --policy "$1" --size tiny \
     --save-checkpoint "$OUT/$1_tiny_checkpoint"
   "$ROOT/.venv/bin/python" -W ignore "$ROOT/scripts/export_lerobot.py" --checkpoint "$OUT/$1_tiny_checkpoint" \
-    --size tiny --dtype "$2" --calib-count 4 --out "$OUT/$1_lerobot_tiny.pt"
+    --size tiny --dtype "$2" --calib-count 4 --check-count 1 --out "$OUT/$1_lerobot_tiny.pt"
 }
 export_policy pi0 fp32
 export_policy pi05 bf16
