@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 # No hub access at run time: every lerobot / transformers lookup stays on the local disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
