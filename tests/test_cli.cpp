@@ -202,5 +202,34 @@ TEST(Cli, AmbiguousScopeDetectionIsAOneLineError) {
   expect_one_line_error(run_cli("list " + dir + "/two.pt"), 2, "cannot detect the scope");
 }
 
+// verify runs the quantized model, keeps only its W4A8 layers, then runs the original: the output
+// format other tools parse stays, and a wrong pair of models is a one-line error.
+TEST(Cli, VerifyReportsEndToEndAndPerLayerErrors) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  const auto inputs = fixture("pi0_tiny.inputs.pt");
+  testing::require_fixture(model);
+  const auto dir = testing::temporary_directory("verify");
+  const std::string expert = "paligemma_with_expert.gemma_expert.model.layers.4.";
+  const auto quantized = run_cli("quantize " + model + " -o " + dir + "/q.pt --calib " + inputs +
+                                 " --rotation-steps 16 --layers " + expert + "mlp.gate_proj," + expert + "mlp.up_proj," +
+                                 expert + "mlp.down_proj");
+  ASSERT_EQ(quantized.exit_code, 0) << quantized.output;
+  const auto result = run_cli("verify " + model + " " + dir + "/q.pt --inputs " + inputs + " --json " + dir + "/e.json");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(result.output, match,
+                                std::regex(R"(\[DUQUANT\]\[VERIFY\] end-to-end: relative L2 (\S+), cosine (\S+), max abs)")))
+      << result.output;
+  const double relative_l2 = std::stod(match[1]);
+  EXPECT_GT(relative_l2, 0.0);  // three W4A8 layers change the actions, a little
+  EXPECT_LT(relative_l2, 0.2);
+  EXPECT_EQ(count_lines_starting(result.output, "  " + expert + "mlp."), 3) << result.output;
+  EXPECT_TRUE(testing::file_exists(dir + "/e.json"));
+
+  expect_one_line_error(run_cli("verify " + dir + "/q.pt " + model + " --inputs " + inputs), 1, "has no W4A8 layers");
+  expect_one_line_error(run_cli("verify " + fixture("pi05_tiny_script.pt") + " " + dir + "/q.pt --inputs " + inputs), 1,
+                        "the inputs");
+}
+
 }  // namespace
 }  // namespace duquant

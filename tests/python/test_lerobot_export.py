@@ -114,7 +114,7 @@ def quantized(policy, tmp_path_factory):
     output = str(tmp_path_factory.mktemp(f"lerobot_{policy}") / f"{policy}_w4a8.pt")
     # Until `--calib DIR` lands, one calibration observation from the calibration set.
     result = run(["quantize", files["model"], "-o", output, "--calib", os.path.join(files["calib"], "obs_000.inputs.pt"),
-                  "--rotation-steps", "32"], NOTE_ENVIRONMENT)
+                  "--rotation-steps", "16", "--weight-clip", "1.0"], NOTE_ENVIRONMENT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "[DUQUANT] Total layers replaced: 252" in result.stdout
     return output
