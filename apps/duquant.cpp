@@ -81,7 +81,8 @@ struct SettingFlags {
   }
 };
 
-int list_or_dry_run(const torch::jit::Module& model, const Config& config, bool json) {
+int list_or_dry_run(const torch::jit::Module& model, Config config, bool json) {
+  detect_scope(config, model);
   const auto recipe = QuantizeRecipe::from_config(config);
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
   if (json) {
@@ -105,6 +106,27 @@ std::string default_report_path(const std::string& output) {
   return (has_extension ? output.substr(0, dot) : output) + ".report.json";
 }
 
+// The original is never overwritten: -o and the report must name other files than the model (a
+// symbolic or hard link to it included) and than each other. Checked before any work.
+void refuse_overwriting_inputs(const std::string& model_path, const std::string& output_path,
+                               const std::string& report_path, const std::string& calibration_path) {
+  auto refuse_same = [](const std::string& written, const std::string& written_role, const std::string& read,
+                        const std::string& read_role) {
+    if (written == read || same_file(written, read)) {
+      throw UserError(fmt::format("{} '{}' is the {} '{}'; write to another path so that the {} is kept",
+                                  written_role, written, read_role, read, read_role),
+                      ExitCode::Usage);
+    }
+  };
+  refuse_same(output_path, "-o", model_path, "input model");
+  refuse_same(report_path, "the report", model_path, "input model");
+  refuse_same(report_path, "the report", output_path, "output model");
+  if (!calibration_path.empty()) {
+    refuse_same(output_path, "-o", calibration_path, "calibration inputs");
+    refuse_same(report_path, "the report", calibration_path, "calibration inputs");
+  }
+}
+
 // "auto" is CUDA when a device is present, else the CPU.
 torch::Device parse_device(const std::string& name) {
   if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
@@ -117,7 +139,11 @@ torch::Device parse_device(const std::string& name) {
 }
 
 int quantize(const std::string& model_path, const std::string& output_path, const std::string& calibration_path,
-             bool data_free, std::string report_path, const std::string& device_name, const Config& config) {
+             bool data_free, std::string report_path, const std::string& device_name, Config config) {
+  if (!output_path.empty()) {
+    if (report_path.empty()) report_path = default_report_path(output_path);
+    refuse_overwriting_inputs(model_path, output_path, report_path, calibration_path);
+  }
   const auto start = Clock::now();
   PipelineOptions pipeline;
   pipeline.device = parse_device(device_name);
@@ -138,9 +164,9 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   if (data_free && !calibration_path.empty()) {
     throw UserError("--data-free and --calib exclude each other; drop one", ExitCode::Usage);
   }
-  if (report_path.empty()) report_path = default_report_path(output_path);
   check_writable(output_path);
   check_writable(report_path);
+  detect_scope(config, model);
   const auto recipe = QuantizeRecipe::from_config(config);
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
   for (const auto& [path, bits] : recipe.layer_bits) {
@@ -173,13 +199,18 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
     save_model_atomically(result.model, output_path);
   }
   result.stages += load_and_save;
-  // Both files or neither: the model is removed again if the report cannot be written.
-  try {
-    write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
-                          report_path);
-  } catch (...) {
-    std::remove(output_path.c_str());
-    throw;
+  // Both files or neither: the model is removed again if the report cannot be written, or if a
+  // signal ends the process before the report is complete. (The model goes first so that the
+  // report can hold the time its save took.)
+  {
+    RemoveOnSignal remove_model_on_signal(output_path);
+    try {
+      write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
+                            report_path);
+    } catch (...) {
+      std::remove(output_path.c_str());
+      throw;
+    }
   }
   std::cout << fmt::format("[DUQUANT] target layer memory: {:.2f} MiB as bf16, {:.2f} MiB as W4A8 ({:.2f}x smaller)\n",
                            result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
@@ -290,52 +321,69 @@ ErrorFigures compare(const torch::Tensor& approximate, const torch::Tensor& exac
   return figures;
 }
 
+// The two models never coexist in memory (peak: the larger of the two, plus the small per-layer
+// state): the quantized model runs first and only its W4A8 layers' state (the packed weights) is
+// kept; then the original runs, its observed per-layer input rows go through its float Linear
+// and through the kept W4A8 layers.
 int verify(const std::string& original_path, const std::string& quantized_path, const std::string& inputs_path,
            const std::string& json_path, int64_t rows) {
-  auto original = load_model(original_path);
-  auto quantized = load_model(quantized_path);
-  const auto inputs = load_inputs(inputs_path);
+  if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
   if (!json_path.empty()) check_writable(json_path);
+  const auto inputs = load_inputs(inputs_path);
 
   std::vector<std::string> layers;
-  std::map<std::string, torch::jit::Module> quantized_layers;
-  for (const auto& item : quantized.named_modules()) {
-    if (is_quantized_linear(item.value)) {
-      layers.push_back(item.name);
-      quantized_layers.emplace(item.name, item.value);
+  std::map<std::string, W4A8LinearState> quantized_layers;
+  torch::Tensor approximate;
+  {
+    auto quantized = load_model(quantized_path);
+    for (const auto& item : quantized.named_modules()) {
+      if (is_quantized_linear(item.value)) {
+        layers.push_back(item.name);
+        quantized_layers.emplace(item.name, W4A8LinearClass::read(item.value));
+      }
     }
-  }
-  if (layers.empty()) throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
-  if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
-  std::map<std::string, torch::jit::Module> originals;
-  for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
-  for (const auto& path : layers) {
-    if (!originals.count(path) || !is_linear(originals.at(path))) {
-      throw UserError(fmt::format("'{}' has no Linear at '{}', where '{}' has a W4A8 layer; give the model that was "
-                                  "quantized",
-                                  original_path, path, quantized_path));
+    if (layers.empty()) {
+      throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
     }
+    approximate = output_tensor(run_forward(quantized, inputs));
   }
 
-  const auto exact = output_tensor(run_forward(original, inputs));
-  const auto approximate = output_tensor(run_forward(quantized, inputs));
-  if (exact.sizes() != approximate.sizes()) {
-    throw UserError("the two models' outputs differ in shape; are they the same model?");
+  torch::Tensor exact;
+  std::map<std::string, std::pair<torch::Tensor, torch::Tensor>> samples_and_references;
+  {
+    auto original = load_model(original_path);
+    std::map<std::string, torch::jit::Module> originals;
+    for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
+    for (const auto& path : layers) {
+      if (!originals.count(path) || !is_linear(originals.at(path))) {
+        throw UserError(fmt::format("'{}' has no Linear at '{}', where '{}' has a W4A8 layer; give the model that "
+                                    "was quantized",
+                                    original_path, path, quantized_path));
+      }
+    }
+    exact = output_tensor(run_forward(original, inputs));
+    if (exact.sizes() != approximate.sizes()) {
+      throw UserError("the two models' outputs differ in shape; are they the same model?");
+    }
+    // Per layer: the original float layer on its observed input rows.
+    torch::NoGradGuard no_grad;
+    const auto statistics = calibrate(original, layers, inputs, rows);
+    for (const auto& path : layers) {
+      const auto& sample = statistics.at(path).sample;
+      const auto& linear = originals.at(path);
+      const auto bias = linear_bias(linear);
+      const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
+                                           bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
+      samples_and_references.emplace(path, std::make_pair(sample, reference));
+    }
   }
   const auto end_to_end = compare(approximate, exact);
 
-  // Per layer: the W4A8 layer and the original float layer on the same observed input rows.
   torch::NoGradGuard no_grad;
-  const auto statistics = calibrate(original, layers, inputs, rows);
   std::vector<std::pair<std::string, ErrorFigures>> per_layer;
   for (const auto& path : layers) {
-    const auto& sample = statistics.at(path).sample;
-    const auto& linear = originals.at(path);
-    const auto bias = linear_bias(linear);
-    const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
-                                         bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
-    const auto output = W4A8LinearClass::read(quantized_layers.at(path)).forward(sample);
-    per_layer.emplace_back(path, compare(output, reference));
+    const auto& [sample, reference] = samples_and_references.at(path);
+    per_layer.emplace_back(path, compare(quantized_layers.at(path).forward(sample), reference));
   }
   std::sort(per_layer.begin(), per_layer.end(),
             [](const auto& a, const auto& b) { return a.second.relative_l2 > b.second.relative_l2; });

@@ -48,6 +48,25 @@ bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
 int64_t file_size_bytes(const std::string& path);
 std::string parent_directory(const std::string& path);  // "." when the path has no directory part
+// True when both paths name one existing file (same device and inode): the same path, a symbolic
+// link to it or a hard link.
+bool same_file(const std::string& first, const std::string& second);
+
+// While an instance lives, SIGINT, SIGTERM and SIGHUP first remove `path`, then take their default
+// action (the process ends with the signal as its status). The temporary files of the *_atomically
+// writers are registered this way, so an interrupt never leaves a partial or stray file; a caller
+// registers a file it has written but must not keep alone (the report while its model is written).
+class RemoveOnSignal {
+ public:
+  explicit RemoveOnSignal(const std::string& path);
+  ~RemoveOnSignal();
+  RemoveOnSignal(const RemoveOnSignal&) = delete;
+  RemoveOnSignal& operator=(const RemoveOnSignal&) = delete;
+
+ private:
+  int slot_;
+};
+
 void save_model_atomically(const torch::jit::Module& model, const std::string& path);
 void write_text_atomically(const std::string& text, const std::string& path);
 
