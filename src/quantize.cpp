@@ -36,15 +36,24 @@ GroupQuantization quantize_groups(const torch::Tensor& grouped, const torch::Ten
   // An all-zero group has no range; any positive scale represents it exactly.
   auto scale = torch::where(range > 0, range / static_cast<double>(max_level), torch::ones_like(range));
   auto zero = torch::round(-lower / scale).clamp(0, max_level);
-  auto levels = (torch::round(grouped / scale.unsqueeze(2)) + zero.unsqueeze(2)).clamp(0, max_level);
+  auto levels = round_to_grid(grouped, scale.unsqueeze(2), zero.unsqueeze(2), max_level);
   return {levels.to(torch::kUInt8), scale, zero};
 }
 
 torch::Tensor dequantize_groups(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
-  return (levels.to(torch::kFloat) - zero.unsqueeze(2)) * scale.unsqueeze(2);
+  return grid_values(levels, scale.unsqueeze(2), zero.unsqueeze(2));
 }
 
 }  // namespace
+
+torch::Tensor round_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
+                            int64_t max_level) {
+  return (torch::round(values / scale) + zero).clamp(0, max_level);
+}
+
+torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
+  return (levels.to(torch::kFloat) - zero) * scale;
+}
 
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor& sample,
                                 const WeightQuantOptions& options) {
@@ -60,7 +69,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
   TORCH_CHECK(k > 0 && k % group == 0, "duquant: group_size ", options.group_size,
               " does not divide the (padded) in_features ", k);
   const int64_t groups = k / group;
-  const int64_t max_level = (int64_t{1} << options.bits) - 1;
+  const int64_t max_level = max_weight_level(options.bits);
 
   const bool searched = sample.defined() && sample.numel() > 0;
   torch::Tensor activations;

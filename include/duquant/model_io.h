@@ -21,6 +21,16 @@ struct ModelInputs {
 };
 ModelInputs load_inputs(const std::string& path);
 
+// Calibration observations (one inputs file = one observation). Each path is an inputs file or a
+// directory, which stands for every `*.inputs.pt` file directly inside it, sorted by name.
+// Observations keep the order of `paths`. UserError for a missing path, a directory without
+// inputs files, or files whose argument names disagree (they must all be inputs of one model).
+struct Observation {
+  std::string path;
+  ModelInputs inputs;
+};
+std::vector<Observation> load_observations(const std::vector<std::string>& paths);
+
 // "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
 std::string forward_signature(const torch::jit::Module& model);
 
