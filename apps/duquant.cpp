@@ -1,6 +1,7 @@
 // duquant: select, quantize (W4A8 DuQuant), run and verify TorchScript pi0 models.
 //   duquant list MODEL                          which Linear layers would be quantized, and why
 //   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
+//   duquant sensitivity MODEL --calib C --inputs HELD_OUT   per-group end-to-end error, float-fallback curve
 //   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs [--cuda-graph]
 //   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
 // Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
@@ -16,6 +17,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "duquant/calibrate.h"
@@ -27,6 +29,7 @@
 #include "duquant/recipe.h"
 #include "duquant/report.h"
 #include "duquant/select.h"
+#include "duquant/sensitivity.h"
 #include "duquant/stage_times.h"
 #include "duquant/swap.h"
 
@@ -138,37 +141,103 @@ torch::Device parse_device(const std::string& name) {
   throw UserError(fmt::format("--device '{}' is unknown; use auto, cpu or cuda", name), ExitCode::Usage);
 }
 
-int quantize(const std::string& model_path, const std::string& output_path, const std::string& calibration_path,
-             bool data_free, std::string report_path, const std::string& device_name, Config config) {
-  if (!output_path.empty()) {
-    if (report_path.empty()) report_path = default_report_path(output_path);
-    refuse_overwriting_inputs(model_path, output_path, report_path, calibration_path);
+struct QuantizeArguments {
+  std::string model_path, output_path, report_path, sensitivity_path, device = "auto";
+  std::vector<std::string> calibration_paths;
+  bool data_free = false;
+  int64_t keep_float = 0;
+};
+
+std::vector<std::string> target_paths(const std::vector<LinearDecision>& decisions) {
+  std::vector<std::string> targets;
+  for (const auto& decision : decisions) {
+    if (decision.target) targets.push_back(decision.path);
   }
+  return targets;
+}
+
+// "[calibration observation 3/16] 12 s" on stderr, only when it is a terminal.
+ObservationCallback observation_progress(bool terminal, Clock::time_point start) {
+  if (!terminal) return {};
+  return [start](size_t done, size_t total) {
+    fmt::print(stderr, "\r[calibration observation {}/{}] {:.0f} s", done, total, seconds_since(start));
+    if (done == total) fmt::print(stderr, "\n");
+  };
+}
+
+void print_kept_float(const std::vector<LinearDecision>& decisions, std::ostream& out) {
+  for (const auto& d : decisions) {
+    if (d.rule == Rule::KeptFloat) {
+      out << fmt::format("[DUQUANT][KEPT] {}: Linear({}->{}) {}\n", d.path, d.in_features, d.out_features, d.detail);
+    }
+  }
+}
+
+int quantize(QuantizeArguments arguments, Config config) {
+  if (!arguments.output_path.empty()) {
+    if (arguments.report_path.empty()) arguments.report_path = default_report_path(arguments.output_path);
+    for (const auto& calibration_path : arguments.calibration_paths) {
+      refuse_overwriting_inputs(arguments.model_path, arguments.output_path, arguments.report_path, calibration_path);
+    }
+    refuse_overwriting_inputs(arguments.model_path, arguments.output_path, arguments.report_path, "");
+  }
+  const auto& report_path = arguments.report_path;
   const auto start = Clock::now();
+  // The original's weights are freed as they are quantized unless the sensitivity ranking must
+  // still run it (--keep-float without a ranking file).
+  const bool ranks_here = arguments.keep_float > 0 && arguments.sensitivity_path.empty();
   PipelineOptions pipeline;
-  pipeline.device = parse_device(device_name);
-  pipeline.release_original_weights = true;  // the original is never used again here
+  pipeline.device = parse_device(arguments.device);
+  pipeline.release_original_weights = !ranks_here;
   StageTimes load_and_save;
   torch::jit::Module model;
   {
     StageTimer timer(load_and_save, Stage::Load);
-    model = load_model(model_path);
+    model = load_model(arguments.model_path);
   }
-  if (config.get_bool("dry-run")) return list_or_dry_run(model, config, false);
-  if (output_path.empty()) throw UserError("quantize needs -o OUTPUT.pt (or --dry-run)", ExitCode::Usage);
-  if (calibration_path.empty() && !data_free) {
-    throw UserError("quantize needs calibration inputs (--calib INPUTS.pt); --data-free quantizes without them, "
-                    "less accurately",
-                    ExitCode::Usage);
-  }
-  if (data_free && !calibration_path.empty()) {
-    throw UserError("--data-free and --calib exclude each other; drop one", ExitCode::Usage);
-  }
-  check_writable(output_path);
-  check_writable(report_path);
   detect_scope(config, model);
   const auto recipe = QuantizeRecipe::from_config(config);
-  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  auto decisions = select_linears(model, SelectionRules::from_config(config));
+  if (arguments.keep_float < 0) throw UserError("--keep-float must be at least 0", ExitCode::Usage);
+  // A ranking from a file decides the float layers before anything runs (and in the dry run).
+  std::map<std::string, int64_t> kept;
+  if (arguments.keep_float > 0 && !arguments.sensitivity_path.empty()) {
+    kept = layers_kept_float(read_sensitivity_ranking(arguments.sensitivity_path), arguments.keep_float,
+                             target_paths(decisions));
+    mark_kept_float(decisions, kept);
+  } else if (!arguments.sensitivity_path.empty()) {
+    throw UserError("--sensitivity is only used with --keep-float K; add --keep-float or drop --sensitivity",
+                    ExitCode::Usage);
+  }
+  if (config.get_bool("dry-run")) {
+    if (ranks_here) {
+      throw UserError("a dry run with --keep-float needs the ranking from --sensitivity FILE (`duquant sensitivity "
+                      "... --json FILE`); without it the ranking is measured, which needs a real run",
+                      ExitCode::Usage);
+    }
+    print_configuration(config, std::cout);
+    print_selection(decisions, recipe, std::cout);
+    if (!kept.empty()) std::cout << layers_environment_line(config, decisions) << "\n";
+    if (count_targets(decisions) == 0) {
+      std::cerr << "duquant: no Linear layer matched the selection; check SCOPE/INCLUDE/EXCLUDE/LAYERS\n";
+      return static_cast<int>(ExitCode::NoTargets);
+    }
+    return 0;
+  }
+  if (arguments.output_path.empty()) throw UserError("quantize needs -o OUTPUT.pt (or --dry-run)", ExitCode::Usage);
+  if (arguments.calibration_paths.empty() && !arguments.data_free) {
+    throw UserError("quantize needs calibration inputs (--calib INPUTS.pt or --calib DIRECTORY, repeatable); "
+                    "--data-free quantizes without them, less accurately",
+                    ExitCode::Usage);
+  }
+  if (arguments.data_free && !arguments.calibration_paths.empty()) {
+    throw UserError("--data-free and --calib exclude each other; drop one", ExitCode::Usage);
+  }
+  if (arguments.data_free && ranks_here) {
+    throw UserError("--keep-float with --data-free needs the ranking from --sensitivity FILE", ExitCode::Usage);
+  }
+  check_writable(arguments.output_path);
+  check_writable(report_path);
   for (const auto& [path, bits] : recipe.layer_bits) {
     const bool is_target = std::any_of(decisions.begin(), decisions.end(),
                                        [&](const LinearDecision& d) { return d.target && d.path == path; });
@@ -178,37 +247,101 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   }
   print_configuration(config, std::cout);
   print_matched_count(decisions, std::cout);
-  std::optional<ModelInputs> calibration;
-  if (!data_free) {
+  std::vector<Observation> observations;
+  if (!arguments.data_free) {
     StageTimer timer(load_and_save, Stage::Load);
-    calibration = load_inputs(calibration_path);
+    observations = load_observations(arguments.calibration_paths);
   }
 
   const bool terminal = isatty(STDERR_FILENO);
-  auto result = quantize_model(model, decisions, recipe, calibration ? &*calibration : nullptr,
+  if (!observations.empty()) {
+    std::cout << fmt::format("[DUQUANT] calibrating on {} observation(s), {} rows kept per layer ({} for the "
+                             "rotation/clipping searches{})\n",
+                             observations.size(), recipe.observed_rows(), recipe.calibration_rows,
+                             recipe.weight_rounding == WeightRounding::Gptq
+                                 ? fmt::format(", {} for GPTQ's Hessian", recipe.gptq_rows)
+                                 : "");
+  }
+  auto result = quantize_model(model, decisions, recipe, observations,
                                [&](const LayerReport& layer, size_t done, size_t total) {
                                  std::cout << replaced_line(layer) << "\n";
                                  if (terminal) fmt::print(stderr, "\r[{}/{}] {:.0f} s", done, total, seconds_since(start));
                                },
-                               pipeline);
+                               observation_progress(terminal, start), pipeline);
   if (terminal) fmt::print(stderr, "\n");
+
+  if (ranks_here) {
+    // No ranking given: measure it on the calibration observations with this quantized model.
+    std::cout << fmt::format("[DUQUANT] ranking groups by sensitivity on the {} calibration observation(s)\n",
+                             observations.size());
+    const auto sensitivity = measure_sensitivity(
+        model, result.model, target_paths(decisions), observations, false,
+        [&](const std::string& what, size_t done, size_t total) {
+          if (terminal) fmt::print(stderr, "\r[sensitivity {}/{}] {:<40} {:.0f} s", done, total, what, seconds_since(start));
+        });
+    if (terminal) fmt::print(stderr, "\n");
+    std::vector<TargetGroup> ranking;
+    for (const auto& group : sensitivity.ranked) ranking.push_back(group.group);
+    kept = layers_kept_float(ranking, arguments.keep_float, target_paths(decisions));
+    mark_kept_float(decisions, kept);
+    std::set<std::string> quantized_paths;
+    for (const auto& path : target_paths(decisions)) quantized_paths.insert(path);
+    result.model = with_quantized_layers(model, result.model, quantized_paths);
+    std::vector<LayerReport> layers;
+    for (const auto& layer : result.layers) {
+      if (!kept.count(layer.path)) layers.push_back(layer);
+    }
+    result.layers = layers;
+  }
+  if (!kept.empty()) {
+    // Memory of what is left quantized, counted from the final model (shared transforms once).
+    std::map<std::string, torch::jit::Module> originals;
+    for (const auto& item : model.named_modules()) originals.emplace(item.name, item.value);
+    std::set<const void*> seen;
+    result.bf16_bytes = 0;
+    result.w4a8_bytes = 0;
+    for (const auto& item : result.model.named_modules()) {
+      if (!is_quantized_linear(item.value)) continue;
+      const auto& linear = originals.at(item.name);
+      const auto bias = linear_bias(linear);
+      result.bf16_bytes += (linear.attr("weight").toTensor().numel() + (bias.defined() ? bias.numel() : 0)) * 2;
+      for (const auto& buffer : item.value.named_buffers()) {
+        if (buffer.value.numel() > 0 && seen.insert(buffer.value.data_ptr()).second) {
+          result.w4a8_bytes += buffer.value.nbytes();
+        }
+      }
+    }
+    print_kept_float(decisions, std::cout);
+    int64_t kept_bytes = 0;
+    for (const auto& [path, rank] : kept) {
+      const auto& linear = originals.at(path);
+      const auto bias = linear_bias(linear);
+      kept_bytes += (linear.attr("weight").toTensor().numel() + (bias.defined() ? bias.numel() : 0)) * 2;
+    }
+    std::cout << fmt::format("[DUQUANT] kept in floating point: {} group(s), {} layer(s), {:.2f} MiB as bf16\n",
+                             arguments.keep_float, kept.size(), kept_bytes / 1048576.0);
+    std::cout << "[DUQUANT] the same selection in the fork's scripts:\n"
+              << layers_environment_line(config, decisions) << "\n";
+  }
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
   {
     StageTimer timer(load_and_save, Stage::Save);
-    save_model_atomically(result.model, output_path);
+    save_model_atomically(result.model, arguments.output_path);
   }
   result.stages += load_and_save;
   // Both files or neither: the model is removed again if the report cannot be written, or if a
   // signal ends the process before the report is complete. (The model goes first so that the
   // report can hold the time its save took.)
   {
-    RemoveOnSignal remove_model_on_signal(output_path);
+    RemoveOnSignal remove_model_on_signal(arguments.output_path);
     try {
-      write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
-                            report_path);
+      auto report = quantize_report_json(config, result, decisions, arguments.model_path, arguments.output_path);
+      for (const auto& [path, rank] : kept) report["kept_float"].push_back({{"path", path}, {"rank", rank}});
+      if (!kept.empty()) report["layers_environment"] = layers_environment_line(config, decisions);
+      write_text_atomically(report.dump(2) + "\n", report_path);
     } catch (...) {
-      std::remove(output_path.c_str());
+      std::remove(arguments.output_path.c_str());
       throw;
     }
   }
@@ -216,9 +349,77 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
                            result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
                            static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1));
   print_stage_table(result.stages, seconds_since(start), std::cout);
-  std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", output_path,
-                           file_size_bytes(output_path) / 1048576.0, file_size_bytes(model_path) / 1048576.0,
-                           report_path);
+  std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", arguments.output_path,
+                           file_size_bytes(arguments.output_path) / 1048576.0,
+                           file_size_bytes(arguments.model_path) / 1048576.0, report_path);
+  return 0;
+}
+
+int sensitivity(const std::string& model_path, const std::vector<std::string>& calibration_paths,
+                const std::string& inputs_path, const std::string& json_path, const std::string& device_name,
+                Config config) {
+  auto model = load_model(model_path);
+  if (calibration_paths.empty()) {
+    throw UserError("sensitivity needs calibration inputs (--calib FILE or DIRECTORY)", ExitCode::Usage);
+  }
+  if (!json_path.empty()) check_writable(json_path);
+  detect_scope(config, model);
+  PipelineOptions pipeline;
+  pipeline.device = parse_device(device_name);
+  const auto recipe = QuantizeRecipe::from_config(config);
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  const auto observations = load_observations(calibration_paths);
+  const std::vector<Observation> evaluation = {{inputs_path, load_inputs(inputs_path)}};
+  for (const auto& observation : observations) {
+    if (observation.path == inputs_path || same_file(observation.path, inputs_path)) {
+      throw UserError(fmt::format("--inputs '{}' is also a calibration input; measure on held-out inputs "
+                                  "(make_pi0.py writes STEM.heldout.inputs.pt)",
+                                  inputs_path),
+                      ExitCode::Usage);
+    }
+  }
+  print_configuration(config, std::cout);
+  print_matched_count(decisions, std::cout);
+  const bool terminal = isatty(STDERR_FILENO);
+  const auto start = Clock::now();
+  auto quantized = quantize_model(model, decisions, recipe, observations,
+                                  [&](const LayerReport&, size_t done, size_t total) {
+                                    if (terminal) fmt::print(stderr, "\r[quantize {}/{}] {:.0f} s", done, total, seconds_since(start));
+                                  },
+                                  observation_progress(terminal, start), pipeline);
+  if (terminal) fmt::print(stderr, "\n");
+  const double quantize_seconds = seconds_since(start);
+  const auto result = measure_sensitivity(
+      model, quantized.model, target_paths(decisions), evaluation, true,
+      [&](const std::string& what, size_t done, size_t total) {
+        if (terminal) fmt::print(stderr, "\r[sensitivity {}/{}] {:<40} {:.0f} s", done, total, what, seconds_since(start));
+      });
+  if (terminal) fmt::print(stderr, "\n");
+
+  std::cout << fmt::format("[DUQUANT][SENSITIVITY] all {} groups quantized: end-to-end relative L2 {:.4e} on {}\n",
+                           result.ranked.size(), result.all_quantized_error, inputs_path);
+  std::cout << "[DUQUANT][SENSITIVITY] end-to-end error with only one group quantized, worst first:\n";
+  for (size_t r = 0; r < result.ranked.size(); ++r) {
+    const auto& entry = result.ranked[r];
+    std::cout << fmt::format("  {:>3}  {:<28} {:>2} layers  rel L2 {:.4e}\n", r + 1, entry.group.name,
+                             entry.group.paths.size(), entry.end_to_end_error);
+  }
+  std::cout << "[DUQUANT][SENSITIVITY] end-to-end error with the K worst groups kept in floating point:\n";
+  for (const auto& point : result.curve) {
+    std::cout << fmt::format("  K {:>3} ({:>3} layers)  rel L2 {:.4e}  target memory {:.2f} MiB\n", point.kept_groups,
+                             point.kept_layers, point.end_to_end_error, point.target_bytes / 1048576.0);
+  }
+  std::cout << fmt::format("[DUQUANT][SENSITIVITY] quantize {:.1f} s, {} evaluations {:.1f} s, total {:.1f} s\n",
+                           quantize_seconds, result.ranked.size() + 1 + result.curve.size(), result.seconds,
+                           seconds_since(start));
+  if (!json_path.empty()) {
+    auto json = sensitivity_json(result, model_path);
+    json["inputs"] = inputs_path;
+    json["calibration"] = calibration_paths;
+    json["quantize_seconds"] = quantize_seconds;
+    write_text_atomically(json.dump(2) + "\n", json_path);
+    std::cout << fmt::format("[DUQUANT] wrote {}\n", json_path);
+  }
   return 0;
 }
 
@@ -369,7 +570,7 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
     torch::NoGradGuard no_grad;
     const auto statistics = calibrate(original, layers, inputs, rows);
     for (const auto& path : layers) {
-      const auto& sample = statistics.at(path).sample;
+      const auto sample = statistics.at(path).sample.to(torch::kFloat);  // kept in the input's dtype
       const auto& linear = originals.at(path);
       const auto bias = linear_bias(linear);
       const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
@@ -415,10 +616,11 @@ int main(int argc, char** argv) {
   CLI::App app{"duquant: W4A8 DuQuant quantization of TorchScript pi0 models"};
   app.require_subcommand(1);
 
-  std::string model_path, output_path, calibration_path, report_path, inputs_path, save_path, json_path;
+  std::string model_path, inputs_path, save_path, json_path;
   std::string quantized_path;
   RunOptions run_options;
-  bool json = false, data_free = false;
+  QuantizeArguments quantize_arguments;
+  bool json = false;
   int64_t rows = 256;
 
   auto* list = app.add_subcommand("list", "show which Linear layers would be quantized, and which rule decided each");
@@ -428,16 +630,41 @@ int main(int argc, char** argv) {
   list_flags.add_to(*list);
 
   auto* quantize_command = app.add_subcommand("quantize", "quantize the selected layers to W4A8 DuQuant");
-  quantize_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
-  quantize_command->add_option("-o,--output", output_path, "quantized TorchScript model to write");
-  quantize_command->add_option("--calib", calibration_path, "calibration inputs (.inputs.pt container)");
-  quantize_command->add_flag("--data-free", data_free, "quantize without calibration data (less accurate)");
-  quantize_command->add_option("--report", report_path, "JSON report (default: OUTPUT stem + .report.json)");
-  std::string quantize_device = "auto";
-  quantize_command->add_option("--device", quantize_device,
+  quantize_command->add_option("model", quantize_arguments.model_path, "TorchScript model (.pt)")->required();
+  quantize_command->add_option("-o,--output", quantize_arguments.output_path, "quantized TorchScript model to write");
+  quantize_command
+      ->add_option("--calib", quantize_arguments.calibration_paths,
+                   "calibration observations: an .inputs.pt file or a directory of them (repeatable)")
+      ->allow_extra_args(false);
+  quantize_command->add_flag("--data-free", quantize_arguments.data_free,
+                             "quantize without calibration data (less accurate)");
+  quantize_command->add_option("--report", quantize_arguments.report_path,
+                               "JSON report (default: OUTPUT stem + .report.json)");
+  quantize_command->add_option("--keep-float", quantize_arguments.keep_float,
+                               "leave the K groups most harmful to the actions in floating point");
+  quantize_command->add_option("--sensitivity", quantize_arguments.sensitivity_path,
+                               "ranking for --keep-float from `duquant sensitivity --json` (default: measured on the "
+                               "calibration inputs)");
+  quantize_command->add_option("--device", quantize_arguments.device,
                                "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
   SettingFlags quantize_flags;
   quantize_flags.add_to(*quantize_command);
+
+  std::vector<std::string> sensitivity_calibration;
+  std::string sensitivity_device = "auto";
+  auto* sensitivity_command = app.add_subcommand(
+      "sensitivity", "rank layer groups by the end-to-end error each causes alone; error vs groups kept float");
+  sensitivity_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
+  sensitivity_command
+      ->add_option("--calib", sensitivity_calibration, "calibration observations: file or directory (repeatable)")
+      ->allow_extra_args(false)
+      ->required();
+  sensitivity_command->add_option("--inputs", inputs_path, "held-out evaluation inputs (.inputs.pt)")->required();
+  sensitivity_command->add_option("--json", json_path, "write the ranking and the curve as JSON");
+  sensitivity_command->add_option("--device", sensitivity_device,
+                                  "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
+  SettingFlags sensitivity_flags;
+  sensitivity_flags.add_to(*sensitivity_command);
 
   auto* run_command = app.add_subcommand("run", "run a model (quantized or not) on saved inputs");
   run_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
@@ -472,9 +699,10 @@ int main(int argc, char** argv) {
   if (!steady_state_run) use_one_shot_executor();
   try {
     if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
-    if (quantize_command->parsed()) {
-      return quantize(model_path, output_path, calibration_path, data_free, report_path, quantize_device,
-                      quantize_flags.resolve(*quantize_command));
+    if (quantize_command->parsed()) return quantize(quantize_arguments, quantize_flags.resolve(*quantize_command));
+    if (sensitivity_command->parsed()) {
+      return sensitivity(model_path, sensitivity_calibration, inputs_path, json_path, sensitivity_device,
+                         sensitivity_flags.resolve(*sensitivity_command));
     }
     if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
     if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);

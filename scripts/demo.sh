@@ -7,7 +7,8 @@ cd "$ROOT"
 bash scripts/setup.sh
 OUT="$ROOT/out/demo"
 mkdir -p "$OUT"
-[ -f "$OUT/pi0_tiny_script.pt" ] || .venv/bin/python scripts/make_pi0.py --variant pi0 --size tiny --out "$OUT" --exports script
+# The model, its 16 calibration observations (pi0_tiny.calib/) and held-out inputs.
+[ -f "$OUT/pi0_tiny.heldout.inputs.pt" ] || .venv/bin/python scripts/make_pi0.py --variant pi0 --size tiny --out "$OUT" --exports script
 
 # The user's LIBERO scripts set this exclude regex (shared/spec/vision_exclusion_verified.md): 252 targets.
 export OPENPI_DUQUANT_EXCLUDE='(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)'
@@ -18,15 +19,15 @@ echo "== 1. dry run: which layers, and why"
 echo "   ... (full listing: $DUQUANT list $OUT/pi0_tiny_script.pt)"
 
 echo "== 2. quantize"
-"$DUQUANT" quantize "$OUT/pi0_tiny_script.pt" -o "$OUT/pi0_tiny_w4a8.pt" --calib "$OUT/pi0_tiny.inputs.pt" \
+"$DUQUANT" quantize "$OUT/pi0_tiny_script.pt" -o "$OUT/pi0_tiny_w4a8.pt" --calib "$OUT/pi0_tiny.calib" \
   | grep -v '^  ' | awk '/\[REPLACED\]/ { if (shown++ >= 7) next } { print }'
 
-echo "== 3. run the original and the quantized model"
-"$DUQUANT" run "$OUT/pi0_tiny_script.pt" --inputs "$OUT/pi0_tiny.inputs.pt"
-"$DUQUANT" run "$OUT/pi0_tiny_w4a8.pt" --inputs "$OUT/pi0_tiny.inputs.pt"
+echo "== 3. run the original and the quantized model (held-out inputs)"
+"$DUQUANT" run "$OUT/pi0_tiny_script.pt" --inputs "$OUT/pi0_tiny.heldout.inputs.pt"
+"$DUQUANT" run "$OUT/pi0_tiny_w4a8.pt" --inputs "$OUT/pi0_tiny.heldout.inputs.pt"
 
-echo "== 4. verify: end-to-end and per-layer error (worst 8)"
-"$DUQUANT" verify "$OUT/pi0_tiny_script.pt" "$OUT/pi0_tiny_w4a8.pt" --inputs "$OUT/pi0_tiny.inputs.pt" | sed -n '1,10p'
+echo "== 4. verify on held-out inputs: end-to-end and per-layer error (worst 8)"
+"$DUQUANT" verify "$OUT/pi0_tiny_script.pt" "$OUT/pi0_tiny_w4a8.pt" --inputs "$OUT/pi0_tiny.heldout.inputs.pt" | sed -n '1,10p'
 
 echo "== 5. report ($OUT/pi0_tiny_w4a8.report.json), first layer:"
 .venv/bin/python - "$OUT/pi0_tiny_w4a8.report.json" <<'PY'

@@ -18,10 +18,15 @@ in q/k/v/gate/up keep the rest of the model informative and finite. --report-out
 Usage:
   make_pi0.py --variant pi0|pi05 --size tiny|full --out DIR [--seed 0] [--batch 1]
               [--exports script,trace] [--text-len N] [--report-outliers] [--verify]
+              [--calib-observations 16]
 
-Writes into DIR: {variant}_{size}_script.pt, {variant}_{size}_trace.pt (as requested by --exports) and
-{variant}_{size}.inputs.pt, a scripted container module whose buffers arg0, arg1, ... are the example
-forward arguments in order and whose `arg_names: List[str]` attribute holds their names.
+Writes into DIR, for STEM = {variant}_{size}: STEM_script.pt, STEM_trace.pt (as requested by --exports),
+STEM.inputs.pt, a scripted container module whose buffers arg0, arg1, ... are the example forward
+arguments in order and whose `arg_names: List[str]` attribute holds their names, and the calibration /
+evaluation sets of /work/notes/FORMATS.md in the same container format, one observation per file:
+STEM.calib/obs_000.inputs.pt .. obs_{N-1} (different images, prompt tokens, state and noise each) and
+STEM.heldout.inputs.pt, drawn from a seed no calibration observation uses. `--exports ''` writes only
+the inputs files, without building the model (seconds, also at full size).
 
 Forward signatures:
   pi0:  forward(images[B,3,3,H,W], tokens[B,L] int64, state[B,32], noise[B,50,32]) -> actions[B,50,32]
@@ -726,7 +731,19 @@ def build_model(cfg: Config, seed: int) -> nn.Module:
 
 
 def example_inputs(cfg: Config, batch: int, seed: int) -> Tuple[List[str], List[Tensor]]:
-    g = torch.Generator().manual_seed(seed + 1)
+    return observation_inputs(cfg, batch, seed + 1)
+
+
+# Input seeds: the example inputs use seed + 1 (as they always have); calibration observation i
+# uses seed + CALIB_SEED_BASE + i and the held-out set seed + HELDOUT_SEED, so no two of them share
+# a seed (and so images, prompt tokens, state and noise) for any --calib-observations below 10^6.
+CALIB_SEED_BASE = 1000
+HELDOUT_SEED = 999
+
+
+def observation_inputs(cfg: Config, batch: int, input_seed: int) -> Tuple[List[str], List[Tensor]]:
+    """One observation: images, prompt tokens, state and noise drawn from `input_seed`."""
+    g = torch.Generator().manual_seed(input_seed)
     hw = cfg.image_size
     images = (torch.rand(batch, cfg.num_images, 3, hw, hw, generator=g) * 2.0 - 1.0).to(cfg.dtype)
     tokens = torch.randint(0, cfg.vocab, (batch, cfg.text_len), generator=g, dtype=torch.long)
@@ -818,6 +835,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(default: on for tiny, off for full)")
     ap.add_argument("--verify", action="store_true",
                     help="reload the written files, run them on the saved inputs, compare with the eager output")
+    ap.add_argument("--calib-observations", type=int, default=16,
+                    help="calibration observations written to STEM.calib/ (0: none; the held-out set is "
+                         "written whenever this is positive)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 for tiny, torch's default for full)")
     args = ap.parse_args(argv)
@@ -831,27 +851,54 @@ def main(argv: Optional[List[str]] = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     report = args.report_outliers if args.report_outliers is not None else args.size == "tiny"
+    if args.calib_observations < 0 or args.calib_observations >= HELDOUT_SEED:
+        ap.error(f"--calib-observations must lie in 0..{HELDOUT_SEED - 1}")
+    inputs_only = not exports and not args.verify
+    if inputs_only:
+        report = False
 
     cfg = make_config(args.variant, args.size, args.text_len)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{cfg.variant}_{cfg.size}")
 
     t0 = time.perf_counter()
-    model = build_model(cfg, args.seed)
     names, inputs = example_inputs(cfg, args.batch, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_lin = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-    print(f"[make_pi0] built {cfg.variant}_{cfg.size}: {n_params / 1e6:.1f}M params ({cfg.dtype}), {n_lin} nn.Linear, "
-          f"{time.perf_counter() - t0:.2f} s")
+    model = None
+    if not inputs_only:
+        model = build_model(cfg, args.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_lin = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+        print(f"[make_pi0] built {cfg.variant}_{cfg.size}: {n_params / 1e6:.1f}M params ({cfg.dtype}), "
+              f"{n_lin} nn.Linear, {time.perf_counter() - t0:.2f} s")
 
     def summary(path: str, n_linear: int, secs: float) -> None:
         print(f"[make_pi0] wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {n_linear} nn.Linear, {secs:.2f} s)")
 
+    def save_inputs(path: str, tensors: List[Tensor]) -> None:
+        # Temporary file + rename: a reader never sees a partial container.
+        torch.jit.save(torch.jit.script(ExampleInputs(names, tensors)), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
     t = time.perf_counter()
-    container = torch.jit.script(ExampleInputs(names, inputs))
     path = f"{stem}.inputs.pt"
-    torch.jit.save(container, path)
+    save_inputs(path, inputs)
     summary(path, 0, time.perf_counter() - t)
+    if args.calib_observations > 0:
+        t = time.perf_counter()
+        calib_dir = f"{stem}.calib"
+        os.makedirs(calib_dir, exist_ok=True)
+        for stale in os.listdir(calib_dir):
+            if stale.startswith("obs_") and stale.endswith(".inputs.pt"):
+                os.remove(os.path.join(calib_dir, stale))
+        for i in range(args.calib_observations):
+            save_inputs(os.path.join(calib_dir, f"obs_{i:03d}.inputs.pt"),
+                        observation_inputs(cfg, args.batch, args.seed + CALIB_SEED_BASE + i)[1])
+        save_inputs(f"{stem}.heldout.inputs.pt", observation_inputs(cfg, args.batch, args.seed + HELDOUT_SEED)[1])
+        print(f"[make_pi0] wrote {args.calib_observations} calibration observations to {calib_dir}/ and "
+              f"{stem}.heldout.inputs.pt ({time.perf_counter() - t:.2f} s)")
+    if inputs_only:
+        print(f"[make_pi0] done (inputs only) in {time.perf_counter() - t0:.2f} s")
+        return 0
 
     eager_out = None
     if report or args.verify:

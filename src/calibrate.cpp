@@ -21,9 +21,11 @@ std::vector<ScriptModuleClass::Attribute> observer_attributes() {
 // The row sample is bounded and uniform over every token of every call: it keeps the tokens whose
 // running index is a multiple of `stride`, and when it overflows it keeps every other row and
 // doubles the stride, which leaves exactly the multiples of the new stride. So the 10 expert
-// steps are covered evenly from first to last, whatever the limit.
-constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.size(-1)).float()
-    self.absmax = torch.maximum(self.absmax, torch.amax(torch.abs(flat), [0], False))
+// steps, and every observation of a many-observation calibration, are covered evenly from first
+// to last, whatever the limit. Rows are kept in the input's own dtype (exact, and half the memory
+// of float32 for a bf16 model).
+constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.size(-1))
+    self.absmax = torch.maximum(self.absmax, torch.amax(torch.abs(flat), [0], False).float())
     first = (self.stride - self.tokens % self.stride) % self.stride
     self.sample = torch.cat([self.sample, flat[first::self.stride]], 0)
     self.tokens = self.tokens + flat.size(0)
@@ -46,6 +48,14 @@ std::string parent_path(const std::string& path) {
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
                                                  int64_t sample_rows, const torch::Device& device) {
+  return calibrate(model, targets, std::vector<Observation>{{"", inputs}}, sample_rows, {}, device);
+}
+
+std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
+                                                 const std::vector<std::string>& targets,
+                                                 const std::vector<Observation>& observations, int64_t sample_rows,
+                                                 const ObservationCallback& on_observation,
+                                                 const torch::Device& device) {
   ScriptModuleClass observer_class(model._ivalue()->compilation_unit(), kObserverTypeName, observer_attributes(),
                                    kObserverForward);
   std::map<std::string, torch::jit::Module> observers;
@@ -59,22 +69,30 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     observers.emplace(path, observer_class.instantiate(
                                 method_names(linear),
                                 {weight, bias.defined() ? bias : torch::empty({0}, weight.options()),
-                                 bias.defined(), torch::zeros({in_features}), torch::zeros({0, in_features}),
+                                 bias.defined(), torch::zeros({in_features}),
+                                 torch::zeros({0, in_features}, weight.options().requires_grad(false)),
                                  sample_rows, int64_t{0}, int64_t{1}}));
   }
   auto observing = replace_submodules(model, observers);
   // Unchanged submodules are shared with `model`, so moving the observing copy moves them too;
   // it goes back to the CPU once the statistics are read.
   const bool moved = device != torch::Device(torch::kCPU);
-  ModelInputs device_inputs = inputs;
-  if (moved) {
-    observing.to(device);
-    for (auto& value : device_inputs.values) {
-      if (value.isTensor()) value = value.toTensor().to(device);
-    }
-  }
+  if (moved) observing.to(device);
   try {
-    run_forward(observing, device_inputs);
+    for (size_t i = 0; i < observations.size(); ++i) {
+      ModelInputs device_inputs = observations[i].inputs;
+      for (auto& value : device_inputs.values) {
+        if (value.isTensor()) value = value.toTensor().to(device);
+      }
+      try {
+        run_forward(observing, device_inputs);
+      } catch (const UserError& error) {
+        if (observations[i].path.empty()) throw;
+        throw UserError(fmt::format("calibration observation '{}': {}", observations[i].path, error.what()),
+                        error.code());
+      }
+      if (on_observation) on_observation(i + 1, observations.size());
+    }
   } catch (...) {
     if (moved) observing.to(torch::kCPU);
     throw;

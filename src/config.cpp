@@ -53,7 +53,11 @@ Config Config::defaults() {
   add("group-size", "", "0", "weight quantization group along in_features; 0: per output channel");
   add("weight-clip", "", "search", "'search' (per-channel, by output error on calibration) or a fixed ratio");
   add("act-clip", "", "1.0", "activation clipping ratio of the per-token absmax");
-  add("calib-rows", "", "256", "calibration token rows kept per layer");
+  add("calib-rows", "", "256", "calibration token rows the rotation and clipping searches learn from, per layer");
+  add("weight-rounding", "", "gptq", "int4 levels on the clipping grids: gptq (arXiv 2210.17323) or nearest");
+  add("gptq-rows", "", "2048", "calibration token rows kept per layer for GPTQ's Hessian (1 in 8 held out)");
+  add("gptq-dampening", "", "0.01", "GPTQ dampening, a fraction of mean diag(H) added to the diagonal");
+  add("gptq-act-order", "", "0", "1: GPTQ rounds columns by decreasing diag(H) (activation order)");
   add("seed", "", "0", "seed of the random orthogonal matrices");
   return config;
 }

@@ -4,15 +4,18 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <sstream>
 
 #include "duquant/errors.h"
@@ -121,6 +124,69 @@ ModelInputs load_inputs(const std::string& path) {
     inputs.values.push_back(value);
   }
   return inputs;
+}
+
+namespace {
+
+constexpr const char* kInputsSuffix = ".inputs.pt";
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The `*.inputs.pt` files directly inside `directory`, sorted by name (POSIX readdir: see the
+// note on std::filesystem in model_io.h).
+std::vector<std::string> inputs_files_in(const std::string& directory) {
+  std::unique_ptr<DIR, int (*)(DIR*)> handle(opendir(directory.c_str()), closedir);
+  if (!handle) {
+    throw UserError(fmt::format("cannot read directory '{}': {}; check its permissions", directory,
+                                std::strerror(errno)));
+  }
+  std::vector<std::string> names;
+  while (const dirent* entry = readdir(handle.get())) {
+    const std::string name = entry->d_name;
+    if (ends_with(name, kInputsSuffix) && !is_directory(directory + "/" + name)) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  std::vector<std::string> files;
+  for (const auto& name : names) files.push_back(directory + "/" + name);
+  return files;
+}
+
+}  // namespace
+
+std::vector<Observation> load_observations(const std::vector<std::string>& paths) {
+  std::vector<std::string> files;
+  for (const auto& path : paths) {
+    if (!path_exists(path)) {
+      throw UserError(fmt::format("calibration inputs '{}' do not exist; give an inputs file or a directory of "
+                                  "*{} files",
+                                  path, kInputsSuffix));
+    }
+    if (is_directory(path)) {
+      const auto inside = inputs_files_in(path);
+      if (inside.empty()) {
+        throw UserError(fmt::format("calibration directory '{}' holds no *{} file; write observations with "
+                                    "scripts/make_pi0.py --calib-observations N",
+                                    path, kInputsSuffix));
+      }
+      files.insert(files.end(), inside.begin(), inside.end());
+    } else {
+      files.push_back(path);
+    }
+  }
+  if (files.empty()) throw UserError("no calibration inputs given; pass --calib FILE or --calib DIRECTORY");
+  std::vector<Observation> observations;
+  for (const auto& file : files) {
+    observations.push_back({file, load_inputs(file)});
+    if (observations.back().inputs.names != observations.front().inputs.names) {
+      throw UserError(fmt::format("calibration inputs '{}' ({}) and '{}' ({}) are not inputs of the same model; "
+                                  "give observations of one model",
+                                  file, fmt::join(observations.back().inputs.names, ", "), files.front(),
+                                  fmt::join(observations.front().inputs.names, ", ")));
+    }
+  }
+  return observations;
 }
 
 std::string forward_signature(const torch::jit::Module& model) {

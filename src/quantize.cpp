@@ -34,18 +34,18 @@ QuantizationGrid grid_for_ratio(const torch::Tensor& group_max, const torch::Ten
   return {scale, zero};
 }
 
-// Float levels round(w / scale) + zero clamped to 0..max_level, for `grouped` [rows, G, group]
-// and a grid of [rows, G, 1] tensors. The one rounding formula of the clip search, the final
-// levels and dequantize_weight's inverse.
-torch::Tensor nearest_levels(const torch::Tensor& grouped, const QuantizationGrid& grid, int64_t max_level) {
-  return grouped.div(grid.scale).round_().add_(grid.zero).clamp_(0, max_level);
-}
-
-torch::Tensor dequantize_groups(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
-  return (levels.to(torch::kFloat) - zero.unsqueeze(2)) * scale.unsqueeze(2);
-}
-
 }  // namespace
+
+// The one rounding formula of the clip search, the final levels, GPTQ and dequantize_weight's
+// inverse (in-place after the division: the clip search runs it on every ratio).
+torch::Tensor round_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
+                            int64_t max_level) {
+  return values.div(scale).round_().add_(zero).clamp_(0, max_level);
+}
+
+torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
+  return (levels.to(torch::kFloat) - zero) * scale;
+}
 
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor& sample,
                                 const WeightQuantOptions& options) {
@@ -61,7 +61,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
   TORCH_CHECK(k > 0 && k % group == 0, "duquant: group_size ", options.group_size,
               " does not divide the (padded) in_features ", k);
   const int64_t groups = k / group;
-  const int64_t max_level = (int64_t{1} << options.bits) - 1;
+  const int64_t max_level = max_weight_level(options.bits);
   const auto device = weight.device();
   const auto float_options = torch::TensorOptions().dtype(torch::kFloat).device(device);
 
@@ -106,7 +106,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
       auto best_ratio = chosen_ratio.slice(0, begin, end);
       for (double ratio : ratios) {
         const auto grid = grid_for_ratio(chunk_max, chunk_min, torch::scalar_tensor(ratio, float_options), max_level);
-        const auto dequantized = nearest_levels(chunk, grid, max_level).sub_(grid.zero).mul_(grid.scale);
+        const auto dequantized = round_to_grid(chunk, grid.scale, grid.zero, max_level).sub_(grid.zero).mul_(grid.scale);
         const auto error = (reference - activations.matmul(dequantized.view({end - begin, k}).t()))
                                .pow_(2)
                                .sum(0)
@@ -123,7 +123,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
     StageTimer timer(result.times, Stage::Rounding);
     const auto grid =
         grid_for_ratio(group_max, group_min, chosen_ratio.to(torch::kFloat).view({rows, 1, 1}), max_level);
-    levels = nearest_levels(grouped_all, grid, max_level).to(torch::kUInt8).view({rows, k});
+    levels = round_to_grid(grouped_all, grid.scale, grid.zero, max_level).to(torch::kUInt8).view({rows, k});
     result.scale = grid.scale.view({rows, groups});
     result.zero = grid.zero.view({rows, groups});
   }
@@ -155,8 +155,8 @@ torch::Tensor dequantize_weight(const QuantizedWeight& weight) {
   TORCH_CHECK(weight.scale.size(0) == rows && groups > 0 && k % groups == 0 && weight.zero.sizes() == weight.scale.sizes(),
               "duquant: scale ", weight.scale.sizes(), " / zero ", weight.zero.sizes(), " do not fit a packed [",
               rows, ", ", k, "] weight");
-  return dequantize_groups(levels.view({rows, groups, k / groups}), weight.scale.cpu().to(torch::kFloat),
-                           weight.zero.cpu().to(torch::kFloat))
+  return grid_values(levels.view({rows, groups, k / groups}), weight.scale.cpu().to(torch::kFloat).unsqueeze(2),
+                     weight.zero.cpu().to(torch::kFloat).unsqueeze(2))
       .view({rows, k});
 }
 

@@ -8,6 +8,7 @@
 
 #include "duquant/calibrate.h"
 #include "duquant/errors.h"
+#include "duquant/gptq.h"
 #include "duquant/ops.h"
 #include "duquant/swap.h"
 
@@ -39,13 +40,66 @@ LayerStatistics synthetic_statistics(int64_t in_features, int64_t rows, uint64_t
   return stats;
 }
 
+// Every `held_out_every`-th sampled row is held out from all fitting (rotation, clipping, GPTQ)
+// and only measures the layer's error: the report's figures are then not the fit's own.
+constexpr int64_t kHeldOutEvery = 8;
+
+struct SampleSplit {
+  torch::Tensor fit;       // float32 rows the transform, clipping and GPTQ learn from
+  torch::Tensor held_out;  // float32 rows only measured on (may be empty)
+};
+
+SampleSplit split_sample(const torch::Tensor& sample) {
+  const auto rows = sample.to(torch::kFloat);
+  const int64_t count = rows.size(0);
+  if (count < kHeldOutEvery) return {rows, rows.slice(0, 0, 0)};
+  const auto index = torch::arange(count, torch::TensorOptions().dtype(torch::kLong).device(rows.device()));
+  const auto held_out = (index % kHeldOutEvery) == (kHeldOutEvery - 1);
+  return {rows.index({~held_out}), rows.index({held_out})};
+}
+
+// At most `limit` rows spread evenly over `rows` (every ceil(T / limit)-th): the searches keep
+// their own row budget while the sample stays uniform over every token of every observation.
+torch::Tensor uniform_rows(const torch::Tensor& rows, int64_t limit) {
+  const int64_t count = rows.size(0);
+  if (count <= limit) return rows;
+  const int64_t stride = (count + limit - 1) / limit;
+  return rows.slice(0, 0, count, stride);
+}
+
+// ||X (W - deq)^T|| / ||X W^T|| on fixed rows X for several dequantized weights, X W^T computed
+// once; NaN without rows.
+class OutputErrorProbe {
+ public:
+  OutputErrorProbe(const torch::Tensor& rows, const torch::Tensor& weight) : rows_(rows) {
+    if (rows_.defined() && rows_.size(0) > 0) reference_ = rows_.matmul(weight.t());
+  }
+  double operator()(const torch::Tensor& dequantized) const {
+    if (!reference_.defined()) return std::numeric_limits<double>::quiet_NaN();
+    return relative_error(rows_.matmul(dequantized.t()), reference_);
+  }
+
+ private:
+  torch::Tensor rows_, reference_;
+};
+
 }  // namespace
 
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
                               const LayerCallback& on_layer, const PipelineOptions& pipeline) {
+  std::vector<Observation> observations;
+  if (calibration) observations.push_back({"", *calibration});
+  return quantize_model(model, decisions, recipe, observations, on_layer, {}, pipeline);
+}
+
+QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
+                              const QuantizeRecipe& recipe, const std::vector<Observation>& observations,
+                              const LayerCallback& on_layer, const ObservationCallback& on_observation,
+                              const PipelineOptions& pipeline) {
   torch::NoGradGuard no_grad;
   const auto device = pipeline.device;
+  const bool calibration = !observations.empty();
   std::vector<std::string> targets;
   for (const auto& decision : decisions) {
     if (decision.target) targets.push_back(decision.path);
@@ -70,15 +124,19 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   check_targets_replaceable(model, targets);
 
   QuantizeResult result;
-  result.data_free = calibration == nullptr;
+  result.data_free = !calibration;
   result.calibration_row_limit = recipe.calibration_rows;
+  result.observations = static_cast<int64_t>(observations.size());
+  // Data-free: no rows to build a Hessian from, so nearest rounding.
+  const bool gptq = calibration && recipe.weight_rounding == WeightRounding::Gptq;
+  result.observed_row_limit = calibration ? recipe.observed_rows() : recipe.calibration_rows;
   std::map<std::string, LayerStatistics> statistics;
   std::vector<std::vector<std::string>> groups;
   TransformOptions transform_options = recipe.transform;
   WeightQuantOptions weight_options = recipe.weights;
   if (calibration) {
     StageTimer timer(result.stages, Stage::Calibration);
-    statistics = calibrate(model, targets, *calibration, recipe.calibration_rows, device);
+    statistics = calibrate(model, targets, observations, result.observed_row_limit, on_observation, device);
     groups = shared_input_groups(targets, statistics);
   } else {
     transform_options.alpha = 1.0;
@@ -97,20 +155,37 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   size_t done = 0;
   for (const auto& group : groups) {
     const auto stats = statistics.at(group.front());
+    // The statistics of this group are not needed again: free them as we go, so the observed rows
+    // (up to gptq-rows per layer) shrink while the quantized layers grow.
+    for (const auto& path : group) statistics.erase(path);
+    const auto split = calibration ? split_sample(stats.sample) : SampleSplit{stats.sample.to(torch::kFloat), {}};
+    const auto search_rows = uniform_rows(split.fit, recipe.calibration_rows);
     std::vector<torch::Tensor> weights;
     for (const auto& path : group) {
       weights.push_back(linears.at(path).attr("weight").toTensor().to(device, torch::kFloat));
     }
     TransformOptions options = transform_options;
     options.seed = path_seed(recipe.transform.seed, group.front());
-    const LayerTransform transform = compute_transform(stats.absmax, stats.sample, weights, options);
+    const LayerTransform transform = compute_transform(stats.absmax, search_rows, weights, options);
     result.stages += transform.times;
     for (const auto& tensor : {transform.smooth_inv, transform.rotation1, transform.permutation, transform.rotation2}) {
       if (tensor.defined()) result.w4a8_bytes += tensor.nbytes();
     }
-    const auto transformed_sample =
-        ops::apply_online_transform(stats.sample, transform.smooth_inv, transform.rotation1, transform.permutation,
-                                    transform.rotation2, transform.padded_in_features);
+    auto online = [&](const torch::Tensor& rows) {
+      if (!rows.defined() || rows.size(0) == 0) return torch::Tensor();
+      return ops::apply_online_transform(rows, transform.smooth_inv, transform.rotation1, transform.permutation,
+                                         transform.rotation2, transform.padded_in_features);
+    };
+    const auto transformed_search = online(search_rows);
+    const auto transformed_held_out = online(split.held_out);
+    // GPTQ's rows and the factor of their Hessian: one per shared input (q/k/v, gate/up).
+    torch::Tensor transformed_gptq;
+    GptqFactor factor;
+    if (gptq) {
+      StageTimer timer(result.stages, Stage::Rounding);
+      transformed_gptq = online(uniform_rows(split.fit, recipe.gptq_rows));
+      factor = gptq_factor(transformed_gptq, recipe.gptq);
+    }
 
     for (size_t i = 0; i < group.size(); ++i) {
       const auto& path = group[i];
@@ -122,10 +197,14 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
         StageTimer timer(result.stages, Stage::WeightTransform);
         transformed_weight = transform_weight(weights[i], transform);
       }
-      const auto quantized =
-          quantize_weight(transformed_weight, calibration ? transformed_sample : torch::Tensor(), layer_weights);
-      transformed_weight = torch::Tensor();
-      result.stages += quantized.times;
+      const auto nearest =
+          quantize_weight(transformed_weight, calibration ? transformed_search : torch::Tensor(), layer_weights);
+      result.stages += nearest.times;
+      QuantizedWeight quantized = nearest;
+      if (gptq) {
+        StageTimer timer(result.stages, Stage::Rounding);
+        quantized = gptq_round(transformed_weight, nearest, layer_weights.bits, factor, recipe.gptq);
+      }
       const auto bias = linear_bias(linear);
       const auto bias_float = bias.defined() ? bias.to(device, torch::kFloat) : torch::Tensor();
 
@@ -156,16 +235,35 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.rotation2_steps = transform.rotation2_steps;
       report.peak_to_mean_before = transform.peak_to_mean_before;
       report.peak_to_mean_after = transform.peak_to_mean_after;
-      report.weight_output_error = quantized.output_relative_error;
+      report.weight_rounding = weight_rounding_name(gptq ? WeightRounding::Gptq : WeightRounding::Nearest);
+      {
+        StageTimer timer(result.stages, Stage::LayerCheck);
+        const auto dequantized = dequantize_weight(quantized).to(device);
+        const OutputErrorProbe held_out_error(transformed_held_out, transformed_weight);
+        report.weight_output_error = held_out_error(dequantized);
+        const OutputErrorProbe fit_error(transformed_gptq, transformed_weight);
+        report.fit_output_error = fit_error(dequantized);
+        if (gptq) {
+          const auto nearest_dequantized = dequantize_weight(nearest).to(device);
+          report.nearest_output_error = held_out_error(nearest_dequantized);
+          report.nearest_fit_output_error = fit_error(nearest_dequantized);
+        } else {
+          report.nearest_output_error = report.weight_output_error;
+          report.nearest_fit_output_error = report.fit_output_error;
+        }
+      }
+      report.gptq_dampening = gptq ? factor.dampening : 0.0;
       report.mean_clip_ratio = quantized.mean_clip_ratio;
-      report.calibration_rows = stats.sample.size(0);
+      report.calibration_rows = search_rows.size(0);
+      report.gptq_rows = transformed_gptq.defined() ? transformed_gptq.size(0) : 0;
+      report.heldout_rows = split.held_out.defined() ? split.held_out.size(0) : 0;
       report.calibration_tokens = stats.tokens;
       report.layer_output_error = std::numeric_limits<double>::quiet_NaN();
-      if (calibration) {
+      if (report.heldout_rows > 0) {
         StageTimer timer(result.stages, Stage::LayerCheck);
-        // The deployed operator on the calibration rows against the float layer.
-        const auto exact = torch::linear(stats.sample, weights[i], bias_float);
-        report.layer_output_error = relative_error(state.forward(stats.sample), exact);
+        // The deployed operator on held-out rows against the float layer.
+        const auto exact = torch::linear(split.held_out, weights[i], bias_float);
+        report.layer_output_error = relative_error(state.forward(split.held_out), exact);
       }
       result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;
       result.w4a8_bytes += state.packed_weight.nbytes() + state.weight_scale.nbytes() + state.weight_zero.nbytes() +
@@ -174,11 +272,10 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       result.layers.push_back(report);
       if (on_layer) on_layer(report, ++done, targets.size());
     }
-    for (const auto& path : group) {
-      statistics.erase(path);
-      // An empty tensor in the slot frees the weight; nothing reads it again (the target is
-      // replaced, and check_targets_replaceable proved that only its forward used it).
-      if (pipeline.release_original_weights) linears.at(path).setattr("weight", torch::empty({0}));
+    // An empty tensor in the slot frees the weight; nothing reads it again (the target is
+    // replaced, and check_targets_replaceable proved that only its forward used it).
+    if (pipeline.release_original_weights) {
+      for (const auto& path : group) linears.at(path).setattr("weight", torch::empty({0}));
     }
   }
   // Report in model order (groups can interleave when a parent holds several groups).

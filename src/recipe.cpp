@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "duquant/errors.h"
 #include "w4a8_layout.h"
 
@@ -85,7 +87,32 @@ QuantizeRecipe QuantizeRecipe::from_config(const Config& config) {
   if (recipe.calibration_rows < 1) {
     throw UserError("calib-rows must be at least 1", ExitCode::Usage);
   }
+  const auto& rounding = config.get("weight-rounding");
+  if (rounding == "nearest") {
+    recipe.weight_rounding = WeightRounding::Nearest;
+  } else if (rounding == "gptq") {
+    recipe.weight_rounding = WeightRounding::Gptq;
+  } else {
+    throw UserError(fmt::format("weight-rounding '{}' is unknown; use nearest or gptq", rounding), ExitCode::Usage);
+  }
+  recipe.gptq_rows = config.get_int("gptq-rows");
+  if (recipe.gptq_rows < 1) throw UserError("gptq-rows must be at least 1", ExitCode::Usage);
+  recipe.gptq.dampening = config.get_double("gptq-dampening");
+  if (!(recipe.gptq.dampening > 0 && recipe.gptq.dampening <= 10)) {
+    throw UserError(fmt::format("gptq-dampening = {} must be in (0, 10] (a fraction of mean diag(H))",
+                                recipe.gptq.dampening),
+                    ExitCode::Usage);
+  }
+  recipe.gptq.activation_order = config.get_bool("gptq-act-order");
   return recipe;
+}
+
+std::string weight_rounding_name(WeightRounding rounding) {
+  return rounding == WeightRounding::Gptq ? "gptq" : "nearest";
+}
+
+int64_t QuantizeRecipe::observed_rows() const {
+  return weight_rounding == WeightRounding::Gptq ? std::max(calibration_rows, gptq_rows) : calibration_rows;
 }
 
 int64_t QuantizeRecipe::weight_bits(const std::string& path) const {

@@ -18,6 +18,7 @@ std::string rule_name(Rule rule) {
     case Rule::Excluded: return "excluded";
     case Rule::ActionHead: return "action_head";
     case Rule::AlreadyQuantized: return "already_quantized";
+    case Rule::KeptFloat: return "kept_float";
   }
   return "unknown";
 }
@@ -88,6 +89,9 @@ std::string replaced_line(const LayerReport& layer) {
   line += fmt::format(" rot_steps=({},{}) peak/mean {:.1f}->{:.1f}", layer.rotation1_steps, layer.rotation2_steps,
                       layer.peak_to_mean_before, layer.peak_to_mean_after);
   if (std::isfinite(layer.layer_output_error)) line += fmt::format(" out_err={:.2e}", layer.layer_output_error);
+  if (layer.weight_rounding == "gptq" && std::isfinite(layer.weight_output_error)) {
+    line += fmt::format(" w_err gptq {:.2e} (nearest {:.2e})", layer.weight_output_error, layer.nearest_output_error);
+  }
   if (!layer.shares_input_with.empty()) line += fmt::format(" (transform shared with {})", layer.shares_input_with);
   return line;
 }
@@ -128,6 +132,10 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
     json["stages"][stage_name(static_cast<Stage>(i))] = result.stages.seconds[i];
   }
   json["peak_rss_bytes"] = peak_resident_bytes();
+  json["observed_row_limit"] = result.observed_row_limit;
+  json["calibration_observations"] = result.observations;
+  // Errors are measured on every 8th sampled row, held out from all fitting.
+  json["error_rows"] = "held-out calibration rows (every 8th sampled row)";
   json["target_memory"] = {{"bf16_bytes", result.bf16_bytes}, {"w4a8_bytes", result.w4a8_bytes},
                            {"ratio", static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1)}};
   for (const auto& s : config.settings()) json["config"][s.key] = {{"value", s.value}, {"source", s.source}};
@@ -147,7 +155,14 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
                               {"rotation2_steps", layer.rotation2_steps},
                               {"activation_peak_to_mean_before", layer.peak_to_mean_before},
                               {"activation_peak_to_mean_after", layer.peak_to_mean_after},
+                              {"weight_rounding", layer.weight_rounding},
                               {"weight_quantization_error", number_or_null(layer.weight_output_error)},
+                              {"weight_quantization_error_nearest", number_or_null(layer.nearest_output_error)},
+                              {"weight_quantization_error_fit", number_or_null(layer.fit_output_error)},
+                              {"weight_quantization_error_fit_nearest", number_or_null(layer.nearest_fit_output_error)},
+                              {"gptq_dampening", layer.gptq_dampening},
+                              {"gptq_rows", layer.gptq_rows},
+                              {"heldout_rows", layer.heldout_rows},
                               {"layer_output_error", number_or_null(layer.layer_output_error)},
                               {"mean_clip_ratio", layer.mean_clip_ratio},
                               {"calibration_rows", layer.calibration_rows},

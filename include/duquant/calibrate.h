@@ -6,6 +6,7 @@
 
 #include <torch/script.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -16,12 +17,26 @@ namespace duquant {
 
 struct LayerStatistics {
   torch::Tensor absmax;  // float32 [in_features]: max |x| over every calibration token
-  torch::Tensor sample;  // float32 [rows, in_features]: every stride-th token over all calls, rows <= limit
+  // [rows, in_features] in the dtype of the layer's input (bf16 for a bf16 model: lossless, half
+  // the memory of float32): every stride-th token over all calls of all observations, rows <= limit.
+  torch::Tensor sample;
   int64_t tokens = 0;    // calibration tokens seen
 };
 
-// Observes the inputs of `targets` over one forward of `model` on `inputs`, run on `device`; the
-// statistics are on `device`, and the model is back where it was.
+// Called after each observation's forward (progress on a terminal).
+using ObservationCallback = std::function<void(size_t done, size_t total)>;
+
+// Observes the inputs of `targets` over one forward of `model` per observation, all on the same
+// observing copy, run on `device`: absmax is the element-wise max over every observation, the row
+// sample stays uniform over every token of every observation (stride doubling,
+// src/calibrate.cpp), and memory stays bounded by `sample_rows` rows per target whatever the
+// number of observations. The statistics are on `device`; the model is back on the CPU.
+std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
+                                                 const std::vector<std::string>& targets,
+                                                 const std::vector<Observation>& observations, int64_t sample_rows,
+                                                 const ObservationCallback& on_observation = {},
+                                                 const torch::Device& device = torch::kCPU);
+// One observation.
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
                                                  int64_t sample_rows, const torch::Device& device = torch::kCPU);

@@ -25,6 +25,16 @@ ModelInputs load_inputs(const std::string& path);
 // the last "RuntimeError: ..." (or last non-empty) line; this returns that line's message.
 std::string interpreter_message(const std::string& text);
 
+// Calibration observations (one inputs file = one observation). Each path is an inputs file or a
+// directory, which stands for every `*.inputs.pt` file directly inside it, sorted by name.
+// Observations keep the order of `paths`. UserError for a missing path, a directory without
+// inputs files, or files whose argument names disagree (they must all be inputs of one model).
+struct Observation {
+  std::string path;
+  ModelInputs inputs;
+};
+std::vector<Observation> load_observations(const std::vector<std::string>& paths);
+
 // "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
 std::string forward_signature(const torch::jit::Module& model);
 

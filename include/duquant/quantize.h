@@ -45,4 +45,12 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
 // deq(W~) = scale * (levels - zero), float32 [N, K]: what the integer kernels compute with.
 torch::Tensor dequantize_weight(const QuantizedWeight& weight);
 
+// The rounding rule of the asymmetric grid, shared by nearest rounding and GPTQ (src/gptq.cpp):
+// levels = clamp(round(w / scale) + zero, 0, max_level) and their values (levels - zero) * scale,
+// with scale and zero broadcast against w.
+inline int64_t max_weight_level(int64_t bits) { return (int64_t{1} << bits) - 1; }
+torch::Tensor round_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
+                            int64_t max_level);
+torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero);
+
 }  // namespace duquant

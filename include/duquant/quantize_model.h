@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "duquant/calibrate.h"
 #include "duquant/model_io.h"
 #include "duquant/recipe.h"
 #include "duquant/select.h"
@@ -28,10 +29,19 @@ struct LayerReport {
   int64_t rotation2_steps = 0;
   double peak_to_mean_before = 0;
   double peak_to_mean_after = 0;
-  double weight_output_error = 0;  // relative, on the calibration sample (NaN data-free)
-  double layer_output_error = 0;   // W4A8 layer vs float layer on the calibration sample
+  // Weight rounding error ||X~ (W~ - deq)^T|| / ||X~ W~^T|| on held-out calibration rows (every
+  // 8th sampled row, never used for fitting); NaN data-free or without held-out rows.
+  std::string weight_rounding;     // "nearest" or "gptq"
+  double weight_output_error = 0;  // the rounding used, held-out rows
+  double nearest_output_error = 0;  // nearest rounding on the same grids, held-out rows (gptq only, else = above)
+  double fit_output_error = 0;     // the rounding used, on the rows GPTQ was fitted to (gptq only, else NaN)
+  double nearest_fit_output_error = 0;  // nearest on those rows (gptq only, else NaN)
+  double gptq_dampening = 0;       // relative dampening GPTQ finally used (0: nearest)
+  double layer_output_error = 0;   // W4A8 layer vs float layer on the held-out rows
   double mean_clip_ratio = 1;
   int64_t calibration_rows = 0;    // sampled token rows the transform and clipping were learnt from
+  int64_t gptq_rows = 0;           // rows GPTQ's Hessian was built from
+  int64_t heldout_rows = 0;        // rows the errors above are measured on
   int64_t calibration_tokens = 0;  // tokens observed (absmax covers all of them)
 };
 
@@ -41,6 +51,8 @@ struct QuantizeResult {
   // Wall time per stage (Load and Save are the caller's: the CLI adds them before the report).
   StageTimes stages;
   int64_t calibration_row_limit = 0;
+  int64_t observed_row_limit = 0;  // rows kept per layer by the observers (max of the searches' budgets)
+  int64_t observations = 0;        // calibration observations (forwards)
   bool data_free = false;
   // Memory of the target layers: their weights and biases in bf16, and every buffer of the W4A8
   // layers (transform tensors shared by q/k/v or gate/up counted once).
@@ -68,5 +80,11 @@ using LayerCallback = std::function<void(const LayerReport&, size_t done, size_t
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
                               const LayerCallback& on_layer = {}, const PipelineOptions& pipeline = {});
+// Many observations (load_observations); empty: data-free. Statistics accumulate over one forward
+// per observation (calibrate.h); `on_observation` reports calibration progress.
+QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
+                              const QuantizeRecipe& recipe, const std::vector<Observation>& calibration,
+                              const LayerCallback& on_layer = {}, const ObservationCallback& on_observation = {},
+                              const PipelineOptions& pipeline = {});
 
 }  // namespace duquant

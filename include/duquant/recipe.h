@@ -7,10 +7,16 @@
 #include <string>
 
 #include "duquant/config.h"
+#include "duquant/gptq.h"
 #include "duquant/quantize.h"
 #include "duquant/transform.h"
 
 namespace duquant {
+
+// How the int4 levels are chosen on the grids of the clipping search: nearest level, or GPTQ
+// (src/gptq.cpp) from the layer's transformed calibration rows.
+enum class WeightRounding { Nearest, Gptq };
+std::string weight_rounding_name(WeightRounding rounding);
 
 struct QuantizeRecipe {
   TransformOptions transform;
@@ -18,7 +24,13 @@ struct QuantizeRecipe {
   std::map<std::string, int64_t> layer_bits;   // WBITS overrides by exact path
   int64_t act_bits = 8;                        // <= 0: no activation quantization
   double act_clip = 1.0;
-  int64_t calibration_rows = 256;
+  int64_t calibration_rows = 256;             // rows the rotation and clipping searches learn from
+  WeightRounding weight_rounding = WeightRounding::Gptq;
+  GptqOptions gptq;
+  int64_t gptq_rows = 2048;                    // rows GPTQ's Hessian is built from (its own budget)
+
+  // Rows each layer's observer keeps: the larger budget of the searches in use.
+  int64_t observed_rows() const;
 
   // UserError(Usage) for out-of-range values (bits, block not a power of two, ...).
   static QuantizeRecipe from_config(const Config& config);

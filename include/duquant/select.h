@@ -31,7 +31,8 @@ struct SelectionRules {
   static SelectionRules from_config(const Config& config);
 };
 
-enum class Rule { Selected, OutsideScope, NotInLayerList, NotIncluded, Excluded, ActionHead, AlreadyQuantized };
+// KeptFloat: a target left in floating point by `--keep-float` (sensitivity.h).
+enum class Rule { Selected, OutsideScope, NotInLayerList, NotIncluded, Excluded, ActionHead, AlreadyQuantized, KeptFloat };
 
 struct LinearDecision {
   std::string path;

@@ -1,0 +1,320 @@
+// Accuracy features on the generated tiny pi0 (scripts/make_pi0.py writes pi0_tiny.calib/ with 16
+// calibration observations and pi0_tiny.heldout.inputs.pt from seeds no observation uses):
+// many-observation calibration, GPTQ in the pipeline, sensitivity ranking and float fallback.
+// Every accuracy figure is measured on the held-out inputs.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <torch/script.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "duquant/calibrate.h"
+#include "duquant/errors.h"
+#include "duquant/model_io.h"
+#include "duquant/quantize_model.h"
+#include "duquant/select.h"
+#include "duquant/sensitivity.h"
+#include "test_support.h"
+
+namespace duquant {
+namespace {
+
+using testing::kNoteExclude;
+
+const std::string kCalibration = "pi0_tiny.calib";
+const std::string kHeldOut = "pi0_tiny.heldout.inputs.pt";
+
+Config test_config(const std::map<std::string, std::string>& flags) {
+  Config config = Config::defaults();
+  config.apply_flag("exclude", kNoteExclude);
+  config.apply_flag("rotation-steps", "64");  // keeps the suite fast; the CLI default is the paper's 256
+  for (const auto& [key, value] : flags) config.apply_flag(key, value);
+  return config;
+}
+
+std::vector<std::string> targets_of(const std::vector<LinearDecision>& decisions) {
+  std::vector<std::string> targets;
+  for (const auto& d : decisions) {
+    if (d.target) targets.push_back(d.path);
+  }
+  return targets;
+}
+
+double relative_error(const torch::Tensor& approximate, const torch::Tensor& exact) {
+  return ((approximate.to(torch::kDouble) - exact.to(torch::kDouble)).norm() / exact.to(torch::kDouble).norm())
+      .item<double>();
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
+TEST(ManyObservations, StatisticsEqualTheMaxAndUnionOfSingleObservationRuns) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto model = load_model(model_path);
+  auto observations = load_observations({testing::fixture(kCalibration)});
+  ASSERT_EQ(observations.size(), 16u);
+  observations.resize(3);
+  const auto config = test_config({});
+  const auto targets = targets_of(select_linears(model, SelectionRules::from_config(config)));
+  // A row limit above every layer's token count: no stride doubling, so the sample is every row.
+  const int64_t unlimited = 1 << 20;
+  const auto together = calibrate(model, targets, observations, unlimited);
+  std::vector<std::map<std::string, LayerStatistics>> single;
+  for (const auto& observation : observations) single.push_back(calibrate(model, targets, observation.inputs, unlimited));
+  for (const auto& path : targets) {
+    const auto& joint = together.at(path);
+    auto absmax = single[0].at(path).absmax;
+    int64_t tokens = 0;
+    std::vector<torch::Tensor> rows;
+    for (const auto& run : single) {
+      absmax = torch::maximum(absmax, run.at(path).absmax);
+      tokens += run.at(path).tokens;
+      rows.push_back(run.at(path).sample);
+    }
+    ASSERT_TRUE(torch::equal(joint.absmax, absmax)) << path;
+    ASSERT_EQ(joint.tokens, tokens) << path;
+    ASSERT_TRUE(torch::equal(joint.sample, torch::cat(rows))) << path;
+  }
+  // Under a row budget the sample stays bounded and uniform over all observations' tokens:
+  // every stride-th token of the union (the stride a power of two), in order.
+  const std::string down = "paligemma_with_expert.gemma_expert.model.layers.3.mlp.down_proj";
+  const auto bounded = calibrate(model, {down}, observations, 100).at(down);
+  const auto all_rows = together.at(down).sample;
+  ASSERT_LE(bounded.sample.size(0), 100);
+  ASSERT_GT(bounded.sample.size(0), 50);
+  const int64_t stride = (all_rows.size(0) + bounded.sample.size(0) - 1) / bounded.sample.size(0);
+  EXPECT_TRUE(torch::equal(bounded.sample, all_rows.slice(0, 0, all_rows.size(0), stride)));
+}
+
+TEST(ManyObservations, DirectoryFilesAndMismatchedModelsAreChecked) {
+  const auto directory = testing::fixture(kCalibration);
+  testing::require_fixture(directory);
+  const auto from_directory = load_observations({directory});
+  const auto from_files = load_observations({directory + "/obs_002.inputs.pt", directory + "/obs_000.inputs.pt"});
+  EXPECT_EQ(from_directory.front().path, directory + "/obs_000.inputs.pt");
+  EXPECT_EQ(from_directory.back().path, directory + "/obs_015.inputs.pt");
+  EXPECT_EQ(from_files.front().path, directory + "/obs_002.inputs.pt");  // given order kept
+  // Observations differ from each other and from the held-out inputs.
+  const auto held_out = load_inputs(testing::fixture(kHeldOut));
+  for (size_t i = 0; i < from_directory.size(); ++i) {
+    EXPECT_FALSE(torch::equal(from_directory[i].inputs.values[0].toTensor(), held_out.values[0].toTensor()));
+    if (i > 0) {
+      EXPECT_FALSE(torch::equal(from_directory[i].inputs.values[3].toTensor(),
+                                from_directory[i - 1].inputs.values[3].toTensor()));
+    }
+  }
+  try {
+    load_observations({directory, testing::fixture("pi05_tiny.inputs.pt")});
+    FAIL() << "inputs of two models were accepted together";
+  } catch (const UserError& error) {
+    EXPECT_NE(std::string(error.what()).find("not inputs of the same model"), std::string::npos) << error.what();
+  }
+  const auto empty = testing::temporary_directory("empty_calib");
+  EXPECT_THROW(load_observations({empty}), UserError);
+}
+
+// GPTQ in the pipeline: on the rows its Hessian was built from, never worse than nearest rounding
+// on the same grids, for every one of the 252 layers; the report says which rounding was used.
+TEST(GptqPipeline, FitRowErrorIsAtMostNearestForEveryLayerOfTinyPi0) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto model = load_model(model_path);
+  const auto observations = load_observations({testing::fixture(kCalibration)});
+  const auto config = test_config({{"weight-rounding", "gptq"}});
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  const auto result = quantize_model(model, decisions, QuantizeRecipe::from_config(config), observations);
+  ASSERT_EQ(result.layers.size(), 252u);
+  int better_held_out = 0;
+  for (const auto& layer : result.layers) {
+    EXPECT_EQ(layer.weight_rounding, "gptq");
+    EXPECT_GT(layer.gptq_rows, layer.calibration_rows) << layer.path;
+    EXPECT_GT(layer.heldout_rows, 0) << layer.path;
+    EXPECT_LE(layer.fit_output_error, layer.nearest_fit_output_error * (1 + 1e-6)) << layer.path;
+    better_held_out += layer.weight_output_error < layer.nearest_output_error;
+  }
+  std::printf("[gptq] layers whose held-out weight error GPTQ lowers: %d of %zu\n", better_held_out,
+              result.layers.size());
+}
+
+// The closing-note table on tiny pi0, end-to-end on the held-out inputs: nearest/1 observation,
+// nearest/16, gptq/16. GPTQ with 16 observations must at least halve the error of nearest/1.
+TEST(GptqPipeline, HeldOutActionErrorTableOnTinyPi0) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  auto model = load_model(model_path);
+  const auto held_out = load_inputs(testing::fixture(kHeldOut));
+  const auto reference = run_forward(model, held_out).toTensor();
+  const auto all = load_observations({testing::fixture(kCalibration)});
+  const std::vector<Observation> one = {all.front()};
+  struct Row {
+    std::string rounding;
+    const std::vector<Observation>* observations;
+    double end_to_end = 0, median_layer = 0;
+    std::string worst_component;
+  };
+  std::vector<Row> rows = {{"nearest", &one}, {"nearest", &all}, {"gptq", &all}};
+  for (auto& row : rows) {
+    const auto config = test_config({{"weight-rounding", row.rounding}});
+    auto result = quantize_model(model, select_linears(model, SelectionRules::from_config(config)),
+                                 QuantizeRecipe::from_config(config), *row.observations);
+    row.end_to_end = relative_error(run_forward(result.model, held_out).toTensor(), reference);
+    std::vector<double> errors;
+    std::map<Component, std::vector<double>> by_component;
+    for (const auto& layer : result.layers) {
+      errors.push_back(layer.layer_output_error);
+      by_component[classify_component(layer.path)].push_back(layer.layer_output_error);
+    }
+    row.median_layer = median(errors);
+    double worst = -1;
+    for (const auto& [component, values] : by_component) {
+      if (median(values) > worst) {
+        worst = median(values);
+        row.worst_component = fmt::format("{} (median {:.2e})", component_name(component), worst);
+      }
+    }
+    std::printf("[table] %-7s %2zu obs  e2e action rel-L2 %.4e  median layer rel-L2 %.4e  worst component %s\n",
+                row.rounding.c_str(), row.observations->size(), row.end_to_end, row.median_layer,
+                row.worst_component.c_str());
+  }
+  EXPECT_LE(rows[2].end_to_end, 0.5 * rows[0].end_to_end);
+  EXPECT_LT(rows[2].median_layer, rows[1].median_layer);
+}
+
+// A group made deliberately hard to quantize: in expert MLP layer 9, hidden unit 0 is switched
+// off (its gate/up rows zeroed, so its down_proj input is exactly 0) and its down_proj column set
+// 1000x larger than any weight. The float model barely changes, but every down_proj row's int4
+// grid now spans that column, so all other weights of the row collapse onto few levels. The
+// sensitivity ranking must put that group first.
+TEST(Sensitivity, RanksADeliberatelyHardGroupFirst) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  auto model = load_model(model_path);
+  const std::string mlp = "paligemma_with_expert.gemma_expert.model.layers.9.mlp.";
+  {
+    torch::NoGradGuard no_grad;
+    std::map<std::string, torch::jit::Module> modules;
+    for (const auto& item : model.named_modules()) modules.emplace(item.name, item.value);
+    modules.at(mlp + "gate_proj").attr("weight").toTensor()[0].zero_();
+    modules.at(mlp + "up_proj").attr("weight").toTensor()[0].zero_();
+    auto down = modules.at(mlp + "down_proj").attr("weight").toTensor();
+    down.select(1, 0).fill_(1000 * down.abs().max().item<double>());
+  }
+  const auto observations = load_observations({testing::fixture(kCalibration)});
+  const std::vector<Observation> evaluation = {{kHeldOut, load_inputs(testing::fixture(kHeldOut))}};
+  const auto config = test_config({{"weight-rounding", "nearest"}});
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  const auto targets = targets_of(decisions);
+  const auto quantized = quantize_model(model, decisions, QuantizeRecipe::from_config(config), observations);
+  const auto result = measure_sensitivity(model, quantized.model, targets, evaluation, true);
+  ASSERT_EQ(result.ranked.size(), 72u);  // 18 layers x {LLM, expert} x {attention, MLP}
+  std::printf("[sensitivity] worst: %s %.3e, second: %s %.3e, all quantized %.3e\n",
+              result.ranked[0].group.name.c_str(), result.ranked[0].end_to_end_error,
+              result.ranked[1].group.name.c_str(), result.ranked[1].end_to_end_error, result.all_quantized_error);
+  EXPECT_EQ(result.ranked[0].group.name, "expert MLP layer 9");
+  EXPECT_EQ(result.ranked[0].group.paths.size(), 3u);
+  // Keeping that one group float removes most of the damage; keeping all is exact.
+  ASSERT_GE(result.curve.size(), 2u);
+  EXPECT_EQ(result.curve[0].kept_groups, 0);
+  EXPECT_DOUBLE_EQ(result.curve[0].end_to_end_error, result.all_quantized_error);
+  EXPECT_LT(result.curve[1].end_to_end_error, 0.5 * result.curve[0].end_to_end_error);
+  EXPECT_EQ(result.curve.back().kept_groups, 72);
+  EXPECT_EQ(result.curve.back().end_to_end_error, 0.0);
+  EXPECT_GT(result.curve.back().target_bytes, result.curve.front().target_bytes);
+}
+
+std::string line_starting(const std::string& text, const std::string& prefix) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind(prefix, 0) == 0) return line;
+  }
+  return "";
+}
+
+// The W4A8 layers of a saved model (loading it needs the operator library, which this binary links).
+std::set<std::string> quantized_layers(const std::string& path) {
+  std::set<std::string> layers;
+  for (const auto& item : load_model(path).named_modules()) {
+    if (is_quantized_linear(item.value)) layers.insert(item.name);
+  }
+  return layers;
+}
+
+std::set<std::string> listed_targets(const std::string& environment, const std::string& model) {
+  const auto listing = testing::run_cli("list --json " + model, environment);
+  EXPECT_EQ(listing.exit_code, 0) << listing.output.substr(0, 2000);
+  const auto json = nlohmann::json::parse(listing.output);
+  std::set<std::string> targets;
+  for (const auto& layer : json["layers"]) {
+    if (layer["target"].get<bool>()) targets.insert(layer["path"].get<std::string>());
+  }
+  return targets;
+}
+
+// `--keep-float 4` (ranking measured on the calibration observations): the output loads and runs,
+// keeps exactly 4 groups float, and the printed env line selects exactly its W4A8 layers in
+// `duquant list`. The ranking written by `duquant sensitivity` drives the dry run, which says for
+// each layer left float that sensitivity decided it.
+TEST(KeepFloat, OutputRunsAndTheEnvLineSelectsTheSameLayers) {
+  const auto model = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto directory = testing::temporary_directory("keep_float");
+  const auto output = directory + "/q.pt";
+  const std::string environment = "OPENPI_DUQUANT_EXCLUDE='" + kNoteExclude + "'";
+  const auto quantize = testing::run_cli("quantize " + model + " -o " + output + " --calib " +
+                                             testing::fixture(kCalibration) + " --keep-float 4 --rotation-steps 64",
+                                         environment);
+  ASSERT_EQ(quantize.exit_code, 0) << quantize.output;
+  const auto export_line = line_starting(quantize.output, "export OPENPI_DUQUANT_");
+  ASSERT_FALSE(export_line.empty()) << quantize.output;
+  EXPECT_NE(quantize.output.find("[DUQUANT][KEPT] "), std::string::npos);
+  EXPECT_NE(quantize.output.find("kept in floating point by sensitivity (rank 1)"), std::string::npos);
+
+  const auto layers = quantized_layers(output);
+  const auto listed = listed_targets(export_line.substr(std::string("export ").size()), model);
+  EXPECT_EQ(listed, layers);
+  EXPECT_LT(layers.size(), 252u);
+  EXPECT_GE(layers.size(), 252u - 4 * 4);  // a group is at most 4 layers (q, k, v, o)
+  const auto run = testing::run_cli("run " + output + " --inputs " + testing::fixture(kHeldOut));
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+
+  const auto json = directory + "/sensitivity.json";
+  const auto sensitivity = testing::run_cli("sensitivity " + model + " --calib " + testing::fixture(kCalibration) +
+                                                " --inputs " + testing::fixture(kHeldOut) + " --json " + json +
+                                                " --rotation-steps 64 --weight-rounding nearest",
+                                            environment);
+  ASSERT_EQ(sensitivity.exit_code, 0) << sensitivity.output;
+  EXPECT_NE(sensitivity.output.find("[DUQUANT][SENSITIVITY] end-to-end error with the K worst groups"),
+            std::string::npos);
+  const auto ranking = read_sensitivity_ranking(json);
+  ASSERT_EQ(ranking.size(), 72u);
+  const auto dry_run = testing::run_cli("quantize " + model + " --dry-run --keep-float 2 --sensitivity " + json,
+                                        environment);
+  ASSERT_EQ(dry_run.exit_code, 0) << dry_run.output;
+  for (const auto& path : ranking[0].paths) {
+    EXPECT_NE(dry_run.output.find("[DUQUANT][SKIP] " + path + ": "), std::string::npos) << path;
+  }
+  EXPECT_NE(dry_run.output.find("kept in floating point by sensitivity (rank 2)"), std::string::npos);
+  const size_t kept = ranking[0].paths.size() + ranking[1].paths.size();
+  EXPECT_NE(dry_run.output.find(fmt::format("[DUQUANT] Dry-run total layers listed: {}\n", 252 - kept)),
+            std::string::npos);
+  const auto dry_line = line_starting(dry_run.output, "export OPENPI_DUQUANT_");
+  EXPECT_EQ(listed_targets(dry_line.substr(std::string("export ").size()), model).size(), 252 - kept);
+  // Evaluating on a calibration input is refused.
+  const auto leaked = testing::run_cli("sensitivity " + model + " --calib " + testing::fixture("pi0_tiny.inputs.pt") +
+                                       " --inputs " + testing::fixture("pi0_tiny.inputs.pt"),
+                                       environment);
+  EXPECT_EQ(leaked.exit_code, 2) << leaked.output;
+}
+
+}  // namespace
+}  // namespace duquant
