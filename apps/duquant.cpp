@@ -1,7 +1,7 @@
 // duquant: select, quantize (W4A8 DuQuant), run and verify TorchScript pi0 models.
 //   duquant list MODEL                          which Linear layers would be quantized, and why
 //   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
-//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs
+//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs [--cuda-graph]
 //   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
 // Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
 #include <CLI/CLI.hpp>
@@ -20,12 +20,14 @@
 
 #include "duquant/calibrate.h"
 #include "duquant/config.h"
+#include "duquant/cuda_graph.h"
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
 #include "duquant/quantize_model.h"
 #include "duquant/recipe.h"
 #include "duquant/report.h"
 #include "duquant/select.h"
+#include "duquant/stage_times.h"
 #include "duquant/swap.h"
 
 namespace {
@@ -125,13 +127,33 @@ void refuse_overwriting_inputs(const std::string& model_path, const std::string&
   }
 }
 
+// "auto" is CUDA when a device is present, else the CPU.
+torch::Device parse_device(const std::string& name) {
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  if (name == "cpu") return torch::kCPU;
+  if (name == "cuda") {
+    if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
+    return torch::kCUDA;
+  }
+  throw UserError(fmt::format("--device '{}' is unknown; use auto, cpu or cuda", name), ExitCode::Usage);
+}
+
 int quantize(const std::string& model_path, const std::string& output_path, const std::string& calibration_path,
-             bool data_free, std::string report_path, Config config) {
+             bool data_free, std::string report_path, const std::string& device_name, Config config) {
   if (!output_path.empty()) {
     if (report_path.empty()) report_path = default_report_path(output_path);
     refuse_overwriting_inputs(model_path, output_path, report_path, calibration_path);
   }
-  auto model = load_model(model_path);
+  const auto start = Clock::now();
+  PipelineOptions pipeline;
+  pipeline.device = parse_device(device_name);
+  pipeline.release_original_weights = true;  // the original is never used again here
+  StageTimes load_and_save;
+  torch::jit::Module model;
+  {
+    StageTimer timer(load_and_save, Stage::Load);
+    model = load_model(model_path);
+  }
   if (config.get_bool("dry-run")) return list_or_dry_run(model, config, false);
   if (output_path.empty()) throw UserError("quantize needs -o OUTPUT.pt (or --dry-run)", ExitCode::Usage);
   if (calibration_path.empty() && !data_free) {
@@ -157,36 +179,43 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   print_configuration(config, std::cout);
   print_matched_count(decisions, std::cout);
   std::optional<ModelInputs> calibration;
-  if (!data_free) calibration = load_inputs(calibration_path);
+  if (!data_free) {
+    StageTimer timer(load_and_save, Stage::Load);
+    calibration = load_inputs(calibration_path);
+  }
 
   const bool terminal = isatty(STDERR_FILENO);
-  const auto start = Clock::now();
   auto result = quantize_model(model, decisions, recipe, calibration ? &*calibration : nullptr,
                                [&](const LayerReport& layer, size_t done, size_t total) {
                                  std::cout << replaced_line(layer) << "\n";
                                  if (terminal) fmt::print(stderr, "\r[{}/{}] {:.0f} s", done, total, seconds_since(start));
-                               });
+                               },
+                               pipeline);
   if (terminal) fmt::print(stderr, "\n");
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
-  // Both files or neither: the report goes first and is removed again if the model cannot be written,
-  // or if a signal ends the process before the model is complete.
   {
-    RemoveOnSignal remove_report_on_signal(report_path);
-    write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
-                          report_path);
+    StageTimer timer(load_and_save, Stage::Save);
+    save_model_atomically(result.model, output_path);
+  }
+  result.stages += load_and_save;
+  // Both files or neither: the model is removed again if the report cannot be written, or if a
+  // signal ends the process before the report is complete. (The model goes first so that the
+  // report can hold the time its save took.)
+  {
+    RemoveOnSignal remove_model_on_signal(output_path);
     try {
-      save_model_atomically(result.model, output_path);
+      write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
+                            report_path);
     } catch (...) {
-      std::remove(report_path.c_str());
+      std::remove(output_path.c_str());
       throw;
     }
   }
   std::cout << fmt::format("[DUQUANT] target layer memory: {:.2f} MiB as bf16, {:.2f} MiB as W4A8 ({:.2f}x smaller)\n",
                            result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
                            static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1));
-  std::cout << fmt::format("[DUQUANT] calibration {:.1f} s, transform+quantize {:.1f} s, total {:.1f} s\n",
-                           result.calibration_seconds, result.transform_seconds, seconds_since(start));
+  print_stage_table(result.stages, seconds_since(start), std::cout);
   std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", output_path,
                            file_size_bytes(output_path) / 1048576.0, file_size_bytes(model_path) / 1048576.0,
                            report_path);
@@ -201,18 +230,30 @@ torch::Tensor output_tensor(const torch::jit::IValue& output) {
   throw UserError("the model's forward does not return a tensor (or a tuple starting with one)");
 }
 
-torch::Device parse_device(const std::string& name) {
-  if (name == "cpu") return torch::kCPU;
-  if (name == "cuda") {
-    if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
-    return torch::kCUDA;
-  }
-  throw UserError(fmt::format("--device '{}' is unknown; use cpu or cuda", name), ExitCode::Usage);
+struct RunOptions {
+  std::string device = "auto";
+  bool cuda_graph = false;
+  int repeat = 1;
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t middle = values.size() / 2;
+  return values.size() % 2 ? values[middle] : 0.5 * (values[middle - 1] + values[middle]);
 }
 
+// --repeat N times the first call and the median of the others (one-shot vs steady state);
+// --cuda-graph captures the forward once (include/duquant/cuda_graph.h) and replays it.
 int run(const std::string& model_path, const std::string& inputs_path, const std::string& save_path,
-        const std::string& device_name) {
-  const auto device = parse_device(device_name);
+        const RunOptions& options) {
+  const auto device = parse_device(options.device);
+  if (options.cuda_graph && !device.is_cuda()) {
+    throw UserError(options.device == "auto"
+                        ? "--cuda-graph needs a CUDA device and none is available; run without --cuda-graph"
+                        : "--cuda-graph needs --device cuda (or auto on a machine with a GPU); drop --cuda-graph to "
+                          "run on the CPU",
+                    options.device == "auto" ? ExitCode::Failure : ExitCode::Usage);
+  }
   auto model = load_model(model_path);
   auto inputs = load_inputs(inputs_path);
   if (!save_path.empty()) check_writable(save_path);
@@ -220,14 +261,43 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
   for (auto& value : inputs.values) {
     if (value.isTensor()) value = value.toTensor().to(device);
   }
-  const auto start = Clock::now();
-  const auto output = output_tensor(run_forward(model, inputs)).to(torch::kCPU);
-  const double seconds = seconds_since(start);
+  // Host clock around each call, finished on the device: the latency a caller waits for.
+  auto finish = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  std::unique_ptr<CudaGraphRunner> graph;
+  torch::jit::IValue result;
+  auto start = Clock::now();
+  if (options.cuda_graph) {
+    graph = CudaGraphRunner::capture(model, inputs);
+    result = graph->replay();
+  } else {
+    result = run_forward(model, inputs);
+  }
+  finish();
+  const double first_seconds = seconds_since(start);
+  std::vector<double> steady_seconds;
+  for (int call = 1; call < options.repeat; ++call) {
+    start = Clock::now();
+    result = graph ? graph->replay() : run_forward(model, inputs);
+    finish();
+    steady_seconds.push_back(seconds_since(start));
+  }
+  const auto output = output_tensor(result).to(torch::kCPU);
   const auto as_float = output.to(torch::kFloat);
+  const std::string where = fmt::format("{}{}", device.str(), graph ? " (CUDA graph)" : "");
   std::cout << fmt::format("[DUQUANT] ran {} on {}: output {} {} in {:.3f} s; mean {:.6g}, std {:.6g}, max |y| {:.6g}\n",
-                           model_path, device_name, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
-                           seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
+                           model_path, where, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
+                           first_seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
                            as_float.abs().max().item<double>());
+  if (!steady_seconds.empty()) {
+    const auto [fastest, slowest] = std::minmax_element(steady_seconds.begin(), steady_seconds.end());
+    std::cout << fmt::format("[DUQUANT] {} calls: first {:.2f} ms{}, then median {:.2f} ms (min {:.2f}, max {:.2f}) "
+                             "over {} call{}\n",
+                             options.repeat, 1e3 * first_seconds, graph ? " (warm-up, capture and one replay)" : "",
+                             1e3 * median(steady_seconds), 1e3 * *fastest, 1e3 * *slowest, steady_seconds.size(),
+                             steady_seconds.size() == 1 ? "" : "s");
+  }
   if (!save_path.empty()) {
     torch::jit::Module container(c10::QualifiedName("__torch__.duquant.Output"),
                                  std::make_shared<torch::jit::CompilationUnit>());
@@ -346,7 +416,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   std::string model_path, output_path, calibration_path, report_path, inputs_path, save_path, json_path;
-  std::string quantized_path, device = "cpu";
+  std::string quantized_path;
+  RunOptions run_options;
   bool json = false, data_free = false;
   int64_t rows = 256;
 
@@ -362,6 +433,9 @@ int main(int argc, char** argv) {
   quantize_command->add_option("--calib", calibration_path, "calibration inputs (.inputs.pt container)");
   quantize_command->add_flag("--data-free", data_free, "quantize without calibration data (less accurate)");
   quantize_command->add_option("--report", report_path, "JSON report (default: OUTPUT stem + .report.json)");
+  std::string quantize_device = "auto";
+  quantize_command->add_option("--device", quantize_device,
+                               "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
   SettingFlags quantize_flags;
   quantize_flags.add_to(*quantize_command);
 
@@ -369,7 +443,11 @@ int main(int argc, char** argv) {
   run_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
   run_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
   run_command->add_option("--save", save_path, "write the output tensor (TorchScript container, buffer 'output')");
-  run_command->add_option("--device", device, "cpu or cuda");
+  run_command->add_option("--device", run_options.device, "auto (CUDA when present), cpu or cuda");
+  run_command->add_flag("--cuda-graph", run_options.cuda_graph,
+                        "capture the whole forward into a CUDA graph once, then replay it (needs CUDA)");
+  run_command->add_option("--repeat", run_options.repeat, "run N times: first call and median of the others")
+      ->check(CLI::Range(1, 1000000));
 
   auto* verify_command = app.add_subcommand("verify", "compare a quantized model with its original");
   verify_command->add_option("original", model_path, "original TorchScript model")->required();
@@ -388,13 +466,17 @@ int main(int argc, char** argv) {
     std::cerr << "duquant: error: " << one_line(error.what()) << "; see duquant --help\n";
     return static_cast<int>(ExitCode::Usage);
   }
+  // Every command runs the model once or a few times (calibration, run, verify), except `run
+  // --repeat N` and `run --cuda-graph`, which measure or capture the optimised steady state.
+  const bool steady_state_run = run_command->parsed() && (run_options.repeat > 1 || run_options.cuda_graph);
+  if (!steady_state_run) use_one_shot_executor();
   try {
     if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
     if (quantize_command->parsed()) {
-      return quantize(model_path, output_path, calibration_path, data_free, report_path,
+      return quantize(model_path, output_path, calibration_path, data_free, report_path, quantize_device,
                       quantize_flags.resolve(*quantize_command));
     }
-    if (run_command->parsed()) return run(model_path, inputs_path, save_path, device);
+    if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
     if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);
   } catch (const UserError& error) {
     std::cerr << "duquant: error: " << error.what() << "\n";

@@ -45,7 +45,7 @@ std::string parent_path(const std::string& path) {
 
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
-                                                 int64_t sample_rows) {
+                                                 int64_t sample_rows, const torch::Device& device) {
   ScriptModuleClass observer_class(model._ivalue()->compilation_unit(), kObserverTypeName, observer_attributes(),
                                    kObserverForward);
   std::map<std::string, torch::jit::Module> observers;
@@ -63,7 +63,22 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                  sample_rows, int64_t{0}, int64_t{1}}));
   }
   auto observing = replace_submodules(model, observers);
-  run_forward(observing, inputs);
+  // Unchanged submodules are shared with `model`, so moving the observing copy moves them too;
+  // it goes back to the CPU once the statistics are read.
+  const bool moved = device != torch::Device(torch::kCPU);
+  ModelInputs device_inputs = inputs;
+  if (moved) {
+    observing.to(device);
+    for (auto& value : device_inputs.values) {
+      if (value.isTensor()) value = value.toTensor().to(device);
+    }
+  }
+  try {
+    run_forward(observing, device_inputs);
+  } catch (...) {
+    if (moved) observing.to(torch::kCPU);
+    throw;
+  }
 
   std::map<std::string, LayerStatistics> statistics;
   for (const auto& [path, observer] : observers) {
@@ -71,6 +86,11 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     stats.absmax = observer.attr("absmax").toTensor();
     stats.sample = observer.attr("sample").toTensor();
     stats.tokens = observer.attr("tokens").toInt();
+    statistics.emplace(path, std::move(stats));
+  }
+  if (moved) observing.to(torch::kCPU);
+
+  for (const auto& [path, stats] : statistics) {
     if (stats.tokens == 0) {
       throw UserError(fmt::format("layer '{}' was not called by the model's forward on the given inputs; exclude "
                                   "it from the selection or give inputs that reach it",
@@ -81,7 +101,6 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                   "model weights and the calibration inputs",
                                   path));
     }
-    statistics.emplace(path, std::move(stats));
   }
   return statistics;
 }

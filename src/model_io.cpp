@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -24,8 +25,8 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
-// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
-// the last "RuntimeError: ..." (or last non-empty) line.
+}  // namespace
+
 std::string interpreter_message(const std::string& text) {
   std::string best, line;
   std::istringstream lines(text);
@@ -36,6 +37,8 @@ std::string interpreter_message(const std::string& text) {
   }
   return best;
 }
+
+namespace {
 
 bool starts_with_zip_magic(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
@@ -155,6 +158,8 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
                                 interpreter_message(error.what())));
   }
 }
+
+void use_one_shot_executor() { torch::jit::setGraphExecutorOptimize(false); }
 
 bool path_exists(const std::string& path) {
   struct stat info {};

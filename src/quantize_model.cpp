@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -14,12 +13,6 @@
 
 namespace duquant {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 // FNV-1a: a per-layer seed that is the same on every platform (std::hash is not specified).
 uint64_t path_seed(uint64_t seed, const std::string& path) {
@@ -50,8 +43,9 @@ LayerStatistics synthetic_statistics(int64_t in_features, int64_t rows, uint64_t
 
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
-                              const LayerCallback& on_layer) {
+                              const LayerCallback& on_layer, const PipelineOptions& pipeline) {
   torch::NoGradGuard no_grad;
+  const auto device = pipeline.device;
   std::vector<std::string> targets;
   for (const auto& decision : decisions) {
     if (decision.target) targets.push_back(decision.path);
@@ -78,37 +72,39 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   QuantizeResult result;
   result.data_free = calibration == nullptr;
   result.calibration_row_limit = recipe.calibration_rows;
-  const auto calibration_start = Clock::now();
   std::map<std::string, LayerStatistics> statistics;
   std::vector<std::vector<std::string>> groups;
   TransformOptions transform_options = recipe.transform;
   WeightQuantOptions weight_options = recipe.weights;
   if (calibration) {
-    statistics = calibrate(model, targets, *calibration, recipe.calibration_rows);
+    StageTimer timer(result.stages, Stage::Calibration);
+    statistics = calibrate(model, targets, *calibration, recipe.calibration_rows, device);
     groups = shared_input_groups(targets, statistics);
   } else {
     transform_options.alpha = 1.0;
     weight_options.clip_ratios.resize(1);
     for (const auto& path : targets) {
       const int64_t in_features = linears.at(path).attr("weight").toTensor().size(1);
-      statistics.emplace(path, synthetic_statistics(in_features, recipe.calibration_rows,
-                                                    path_seed(recipe.transform.seed, path)));
+      auto stats = synthetic_statistics(in_features, recipe.calibration_rows, path_seed(recipe.transform.seed, path));
+      stats.absmax = stats.absmax.to(device);
+      stats.sample = stats.sample.to(device);
+      statistics.emplace(path, std::move(stats));
       groups.push_back({path});
     }
   }
-  result.calibration_seconds = seconds_since(calibration_start);
-
-  const auto transform_start = Clock::now();
   W4A8LinearClass w4a8_class(model._ivalue()->compilation_unit());
   std::map<std::string, torch::jit::Module> replacements;
   size_t done = 0;
   for (const auto& group : groups) {
-    const auto& stats = statistics.at(group.front());
+    const auto stats = statistics.at(group.front());
     std::vector<torch::Tensor> weights;
-    for (const auto& path : group) weights.push_back(linears.at(path).attr("weight").toTensor().to(torch::kFloat));
+    for (const auto& path : group) {
+      weights.push_back(linears.at(path).attr("weight").toTensor().to(device, torch::kFloat));
+    }
     TransformOptions options = transform_options;
     options.seed = path_seed(recipe.transform.seed, group.front());
     const LayerTransform transform = compute_transform(stats.absmax, stats.sample, weights, options);
+    result.stages += transform.times;
     for (const auto& tensor : {transform.smooth_inv, transform.rotation1, transform.permutation, transform.rotation2}) {
       if (tensor.defined()) result.w4a8_bytes += tensor.nbytes();
     }
@@ -121,9 +117,17 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       const auto& linear = linears.at(path);
       WeightQuantOptions layer_weights = weight_options;
       layer_weights.bits = recipe.weight_bits(path);
-      const auto quantized = quantize_weight(transform_weight(weights[i], transform),
-                                             calibration ? transformed_sample : torch::Tensor(), layer_weights);
+      torch::Tensor transformed_weight;
+      {
+        StageTimer timer(result.stages, Stage::WeightTransform);
+        transformed_weight = transform_weight(weights[i], transform);
+      }
+      const auto quantized =
+          quantize_weight(transformed_weight, calibration ? transformed_sample : torch::Tensor(), layer_weights);
+      transformed_weight = torch::Tensor();
+      result.stages += quantized.times;
       const auto bias = linear_bias(linear);
+      const auto bias_float = bias.defined() ? bias.to(device, torch::kFloat) : torch::Tensor();
 
       W4A8LinearState state;
       state.smooth_inv = transform.smooth_inv;
@@ -133,7 +137,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       state.packed_weight = quantized.packed;
       state.weight_scale = quantized.scale;
       state.weight_zero = quantized.zero;
-      state.bias = bias.defined() ? bias.to(torch::kFloat) : torch::Tensor();
+      state.bias = bias_float;
       state.in_features = weights[i].size(1);
       state.out_features = weights[i].size(0);
       state.group_size = quantized.group_size;
@@ -158,16 +162,23 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.calibration_tokens = stats.tokens;
       report.layer_output_error = std::numeric_limits<double>::quiet_NaN();
       if (calibration) {
+        StageTimer timer(result.stages, Stage::LayerCheck);
         // The deployed operator on the calibration rows against the float layer.
-        const auto exact = torch::linear(stats.sample, weights[i], state.bias.defined() ? state.bias : torch::Tensor());
+        const auto exact = torch::linear(stats.sample, weights[i], bias_float);
         report.layer_output_error = relative_error(state.forward(stats.sample), exact);
       }
       result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;
       result.w4a8_bytes += state.packed_weight.nbytes() + state.weight_scale.nbytes() + state.weight_zero.nbytes() +
                            (state.bias.defined() ? state.bias.nbytes() : 0);
-      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state));
+      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state.to(torch::kCPU)));
       result.layers.push_back(report);
       if (on_layer) on_layer(report, ++done, targets.size());
+    }
+    for (const auto& path : group) {
+      statistics.erase(path);
+      // An empty tensor in the slot frees the weight; nothing reads it again (the target is
+      // replaced, and check_targets_replaceable proved that only its forward used it).
+      if (pipeline.release_original_weights) linears.at(path).setattr("weight", torch::empty({0}));
     }
   }
   // Report in model order (groups can interleave when a parent holds several groups).
@@ -175,8 +186,10 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   for (size_t i = 0; i < targets.size(); ++i) order[targets[i]] = i;
   std::sort(result.layers.begin(), result.layers.end(),
             [&](const LayerReport& a, const LayerReport& b) { return order.at(a.path) < order.at(b.path); });
-  result.model = replace_submodules(model, replacements);
-  result.transform_seconds = seconds_since(transform_start);
+  {
+    StageTimer timer(result.stages, Stage::Swap);
+    result.model = replace_submodules(model, replacements);
+  }
   return result;
 }
 

@@ -1,6 +1,7 @@
 // The command line as a user's shell script sees it: the fork's log lines, exit codes, and a
 // one-line error naming problem and fix for every bad input, with no partial output left behind.
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 #include <unistd.h>
 
@@ -137,9 +138,68 @@ TEST(Cli, QuantizeWritesForkLinesModelAndReport) {
   ASSERT_TRUE(report) << "no report next to the model";
   const std::string json((std::istreambuf_iterator<char>(report)), std::istreambuf_iterator<char>());
   for (const auto* key : {"\"layers_replaced\": 4", "\"rotation1_steps\"", "\"activation_peak_to_mean_before\"",
-                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\""}) {
+                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\"",
+                          "\"peak_rss_bytes\""}) {
     EXPECT_NE(json.find(key), std::string::npos) << key;
   }
+  // The per-stage table, on stdout and in the report, covers the whole run from load to save.
+  for (const auto* stage : {"load", "calibration", "rotation search", "permutation", "weight transform",
+                            "clip search", "rounding", "packing", "layer check", "swap", "save"}) {
+    EXPECT_TRUE(std::regex_search(result.output, std::regex("\\[DUQUANT\\] stage " + std::string(stage) +
+                                                             " +[0-9.]+ s")))
+        << stage;
+    EXPECT_NE(json.find("\"" + std::string(stage) + "\": "), std::string::npos) << stage;
+  }
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] total [0-9.]+ s, peak RSS [0-9.]+ GiB)")));
+}
+
+// `run`: the device and graph flags refuse what cannot work in one line; --repeat reports the
+// first call and the steady state separately.
+TEST(Cli, RunRefusesBadDeviceGraphAndRepeatFlags) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto inputs = " --inputs " + fixture("pi0_tiny.inputs.pt");
+  expect_one_line_error(run_cli("run " + model + inputs + " --device tpu"), 2, "use auto, cpu or cuda");
+  expect_one_line_error(run_cli("run " + model + inputs + " --device cpu --cuda-graph"), 2,
+                        "--cuda-graph needs --device cuda");
+  expect_one_line_error(run_cli("run " + model + inputs + " --repeat 0"), 2, "--repeat: Value 0 not in range 1 to");
+}
+
+TEST(Cli, RunCudaGraphWithoutAGpuIsRefused) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present";
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  expect_one_line_error(run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --cuda-graph"), 1,
+                        "--cuda-graph needs a CUDA device and none is available");
+}
+
+TEST(Cli, RunRepeatReportsFirstCallAndMedianOfTheRest) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto result = run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --repeat 2");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  // --device auto: the CPU here, CUDA on a GPU machine.
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] ran \S+ on (cpu|cuda): output )")))
+      << result.output;
+  EXPECT_TRUE(std::regex_search(
+      result.output, std::regex(R"(\[DUQUANT\] 2 calls: first [0-9.]+ ms, then median [0-9.]+ ms \(min [0-9.]+, max [0-9.]+\) over 1 call\n)")))
+      << result.output;
+}
+
+// duquant_bench (next to the CLI in the build directory): the end-to-end comparison needs all three
+// files and a GPU; without one it is refused in one line, while the operator table alone skips.
+TEST(Cli, BenchEndToEndNeedsItsThreeFilesAndAGpu) {
+  auto run_bench = [](const std::string& arguments) { return testing::run_program(testing::bench_program(), arguments); };
+  const auto partial = run_bench("--model a.pt --inputs b.pt");
+  EXPECT_EQ(partial.exit_code, 2) << partial.output;
+  EXPECT_EQ(partial.output, "duquant_bench: error: --model, --quantized and --inputs go together\n");
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present";
+  const auto end_to_end = run_bench("--model a.pt --quantized b.pt --inputs c.pt");
+  EXPECT_EQ(end_to_end.exit_code, 1) << end_to_end.output;
+  EXPECT_EQ(end_to_end.output, "duquant_bench: error: the end-to-end benchmark needs a CUDA device and none is available\n");
+  const auto operator_table = run_bench("--tokens 1");
+  EXPECT_EQ(operator_table.exit_code, 0) << operator_table.output;
+  EXPECT_EQ(operator_table.output, "no CUDA device: benchmark skipped\n");
 }
 
 // The original is never replaced. Each refusal comes before any work: the model here is not even

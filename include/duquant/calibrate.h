@@ -20,10 +20,11 @@ struct LayerStatistics {
   int64_t tokens = 0;    // calibration tokens seen
 };
 
-// Observes the inputs of `targets` over one forward of `model` on `inputs`.
+// Observes the inputs of `targets` over one forward of `model` on `inputs`, run on `device`; the
+// statistics are on `device`, and the model is back where it was.
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
-                                                 int64_t sample_rows);
+                                                 int64_t sample_rows, const torch::Device& device = torch::kCPU);
 
 // Targets that share one input (q/k/v, gate/up): same parent module and identical statistics.
 // Groups keep model order; every target is in exactly one group.

@@ -21,12 +21,22 @@ struct ModelInputs {
 };
 ModelInputs load_inputs(const std::string& path);
 
+// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
+// the last "RuntimeError: ..." (or last non-empty) line; this returns that line's message.
+std::string interpreter_message(const std::string& text);
+
 // "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
 std::string forward_signature(const torch::jit::Module& model);
 
 // Runs model.forward on the inputs under NoGradGuard; a mismatch becomes a UserError that names
 // the expected signature and the given inputs.
 torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inputs);
+
+// TorchScript's default (profiling) executor profiles the first call of a graph and re-optimises
+// it on the second: seconds on the unrolled 10-step pi0 graph, which a one-shot run (calibration,
+// `run`, `verify`) never amortises. This turns graph optimisation off for the whole process, so
+// every call runs the graph as exported (DESIGN.md section 5).
+void use_one_shot_executor();
 
 // Fails early (before any work) when `path` cannot be written; writes go to a temporary file in
 // the same directory and are renamed over `path` only when complete.

@@ -12,6 +12,7 @@
 #include "duquant/model_io.h"
 #include "duquant/recipe.h"
 #include "duquant/select.h"
+#include "duquant/stage_times.h"
 
 namespace duquant {
 
@@ -37,14 +38,26 @@ struct LayerReport {
 struct QuantizeResult {
   torch::jit::Module model;
   std::vector<LayerReport> layers;
-  double calibration_seconds = 0;
-  double transform_seconds = 0;
+  // Wall time per stage (Load and Save are the caller's: the CLI adds them before the report).
+  StageTimes stages;
   int64_t calibration_row_limit = 0;
   bool data_free = false;
   // Memory of the target layers: their weights and biases in bf16, and every buffer of the W4A8
   // layers (transform tensors shared by q/k/v or gate/up counted once).
   int64_t bf16_bytes = 0;
   int64_t w4a8_bytes = 0;
+};
+
+// How the pipeline runs (not what it computes: that is the QuantizeRecipe).
+struct PipelineOptions {
+  // Where calibration, the transform, the clip search and the rounding run, as tensor ops. With a
+  // CUDA device the model visits the device for calibration and is back on the CPU afterwards;
+  // the result is a CPU model either way, equal up to floating-point rounding.
+  torch::Device device = torch::kCPU;
+  // Drop each target's floating-point weight from `model` as soon as its W4A8 layer exists, so
+  // that peak memory stays near the size of the input model (the CLI, which never uses the
+  // original again). `model` must not be run afterwards.
+  bool release_original_weights = false;
 };
 
 // Called after each layer is quantized (for the per-layer log line and progress).
@@ -54,6 +67,6 @@ using LayerCallback = std::function<void(const LayerReport&, size_t done, size_t
 // clipping; documented as less accurate). The original model is left untouched and usable.
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
-                              const LayerCallback& on_layer = {});
+                              const LayerCallback& on_layer = {}, const PipelineOptions& pipeline = {});
 
 }  // namespace duquant
