@@ -596,8 +596,11 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
     std::cout << fmt::format("  {:<70} {:<17} rel L2 {:.4e}  cosine {:.6f}\n", path,
                              component_name(classify_component(path)), figures.relative_l2, figures.cosine);
   }
+  std::cout << fmt::format("[DUQUANT][VERIFY] peak resident memory {:.2f} GiB (the two models ran one after the other)\n",
+                           peak_resident_bytes() / 1073741824.0);
   if (!json_path.empty()) {
     nlohmann::json json;
+    json["peak_resident_bytes"] = peak_resident_bytes();
     json["end_to_end"] = {{"relative_l2", end_to_end.relative_l2}, {"cosine", end_to_end.cosine},
                           {"max_abs", end_to_end.max_abs}};
     for (const auto& [path, figures] : per_layer) {

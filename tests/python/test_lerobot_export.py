@@ -1,51 +1,14 @@
-"""Real checkpoints in: tiny lerobot pi0 and pi0.5 policies, written with save_pretrained and exported
-from that directory by scripts/export_lerobot.py (scripts/make_lerobot_fixtures.sh), go through
-`duquant list / quantize / verify` with no scope given, and the quantized model runs in Python."""
+"""Real checkpoints in: tiny lerobot pi0 and pi0.5 policies, exported from a save_pretrained
+directory by scripts/export_lerobot.py, keep the FORMATS layout and the checkpoint's weights, trace
+like the eager policy on fresh inputs and in the README's evaluation loop, and `duquant list` finds
+the scope and the 252 targets with only the note's EXCLUDE set."""
 import json
 import os
 import re
-import subprocess
-import sys
 
-import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import export_lerobot  # noqa: E402
-
-CLI = os.environ["DUQUANT_CLI"]
-OPS_LIBRARY = os.environ["DUQUANT_OPS_LIBRARY"]
-FIXTURES = os.path.join(os.environ["DUQUANT_FIXTURE_DIR"], "lerobot")
-# The exclude regex of the user's note (shared/spec/vision_exclusion_verified.md), and nothing else.
-NOTE_ENVIRONMENT = {"OPENPI_DUQUANT_EXCLUDE":
-                    r"(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)"}
-POLICIES = ["pi0", "pi05"]
-# scripts/make_lerobot_fixtures.sh exports pi0 in float32 and pi0.5 in lerobot's bfloat16 precision.
-EXPORT_DTYPES = {"pi0": "float32", "pi05": "bfloat16"}
-
-
-def paths(policy):
-    stem = os.path.join(FIXTURES, f"{policy}_lerobot_tiny")
-    return {"model": f"{stem}.pt", "inputs": f"{stem}.inputs.pt", "calib": f"{stem}.calib",
-            "heldout": f"{stem}.heldout.inputs.pt", "checkpoint": os.path.join(FIXTURES, f"{policy}_tiny_checkpoint")}
-
-
-def load_inputs(path):
-    container = torch.jit.load(path)
-    return list(container.arg_names), [getattr(container, f"arg{i}") for i in range(len(container.arg_names))]
-
-
-def run(arguments, environment=None):
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("OPENPI_DUQUANT_")}
-    return subprocess.run([CLI, *arguments], capture_output=True, text=True, env={**clean, **(environment or {})})
-
-
-@pytest.fixture(scope="module", params=POLICIES)
-def policy(request):
-    for path in paths(request.param).values():
-        assert os.path.exists(path), f"{path} is missing: run scripts/make_lerobot_fixtures.sh"
-    return request.param
+from lerobot_fixtures import EXPORT_DTYPES, NOTE_ENVIRONMENT, export_lerobot, load_inputs, paths, run
 
 
 def test_export_writes_the_formats_layout(policy):
@@ -106,44 +69,6 @@ def test_an_explicit_scope_wins_over_detection(policy):
     assert listing["targets"] == 126
     scope = next(setting for setting in listing["config"] if setting["key"] == "scope")
     assert scope["source"] == "env OPENPI_DUQUANT_SCOPE"
-
-
-@pytest.fixture(scope="module")
-def quantized(policy, tmp_path_factory):
-    files = paths(policy)
-    output = str(tmp_path_factory.mktemp(f"lerobot_{policy}") / f"{policy}_w4a8.pt")
-    # Until `--calib DIR` lands, one calibration observation from the calibration set.
-    result = run(["quantize", files["model"], "-o", output, "--calib", os.path.join(files["calib"], "obs_000.inputs.pt"),
-                  "--rotation-steps", "16", "--weight-clip", "1.0"], NOTE_ENVIRONMENT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    assert "[DUQUANT] Total layers replaced: 252" in result.stdout
-    return output
-
-
-def test_verify_on_held_out_inputs(policy, quantized):
-    result = run(["verify", paths(policy)["model"], quantized, "--inputs", paths(policy)["heldout"]])
-    assert result.returncode == 0, result.stderr
-    match = re.search(r"\[DUQUANT\]\[VERIFY\] end-to-end: relative L2 (\S+), cosine (\S+)", result.stdout)
-    assert match, result.stdout[:2000]
-    relative_l2, cosine = float(match.group(1)), float(match.group(2))
-    # W4A8 on random tiny weights: close to the original, not equal to it.
-    assert 0 < relative_l2 < 0.5 and cosine > 0.85, result.stdout[:500]
-    assert len(re.findall(r"^  model\.paligemma_with_expert\.\S+ .* rel L2 ", result.stdout, re.MULTILINE)) == 252
-
-
-def test_python_loads_and_runs_the_quantized_model_like_cpp(policy, quantized, tmp_path):
-    cpp_output = str(tmp_path / "cpp.pt")
-    result = run(["run", quantized, "--inputs", paths(policy)["heldout"], "--save", cpp_output])
-    assert result.returncode == 0, result.stderr
-    torch.ops.load_library(OPS_LIBRARY)
-    model = torch.jit.load(quantized)
-    _, inputs = load_inputs(paths(policy)["heldout"])
-    with torch.no_grad():
-        actions = model(*inputs)
-    expected = torch.jit.load(cpp_output).output
-    assert actions.shape == expected.shape == inputs[-1].shape
-    assert torch.allclose(actions.float(), expected.float(), rtol=0, atol=1e-5)
-    assert [m.original_name for _, m in model.named_modules()].count("W4A8Linear") == 252
 
 
 def test_evaluation_loop_inputs_give_what_the_policy_predicts(policy):
