@@ -47,7 +47,7 @@ LayerStatistics synthetic_statistics(int64_t in_features, int64_t rows, uint64_t
   return stats;
 }
 
-// Every `held_out_every`-th sampled row is held out from all fitting (rotation, clipping, GPTQ)
+// Every kHeldOutEvery-th sampled row is held out from all fitting (rotation, clipping, GPTQ)
 // and only measures the layer's error: the report's figures are then not the fit's own.
 constexpr int64_t kHeldOutEvery = 8;
 
@@ -74,10 +74,14 @@ torch::Tensor uniform_rows(const torch::Tensor& rows, int64_t limit) {
   return rows.slice(0, 0, count, stride);
 }
 
-// ||X (W - deq)^T|| / ||X W^T||; NaN without rows.
-double weight_output_error(const torch::Tensor& rows, const torch::Tensor& weight, const torch::Tensor& dequantized) {
+// ||X deq^T - X W^T|| / ||X W^T|| with `reference` = X W^T; NaN without rows.
+double weight_output_error(const torch::Tensor& rows, const torch::Tensor& reference, const torch::Tensor& dequantized) {
   if (!rows.defined() || rows.size(0) == 0) return std::numeric_limits<double>::quiet_NaN();
-  return relative_error(rows.matmul(dequantized.t()), rows.matmul(weight.t()));
+  return relative_error(rows.matmul(dequantized.t()), reference);
+}
+
+torch::Tensor outputs_of(const torch::Tensor& rows, const torch::Tensor& weight) {
+  return rows.defined() && rows.size(0) > 0 ? rows.matmul(weight.t()) : torch::Tensor();
 }
 
 }  // namespace
@@ -221,10 +225,12 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.weight_rounding = weight_rounding_name(gptq ? WeightRounding::Gptq : WeightRounding::Nearest);
       const auto dequantized = dequantize_weight(quantized);
       const auto nearest_dequantized = gptq ? dequantize_weight(nearest) : dequantized;
-      report.weight_output_error = weight_output_error(transformed_held_out, transformed_weight, dequantized);
-      report.nearest_output_error = weight_output_error(transformed_held_out, transformed_weight, nearest_dequantized);
-      report.fit_output_error = weight_output_error(transformed_gptq, transformed_weight, dequantized);
-      report.nearest_fit_output_error = weight_output_error(transformed_gptq, transformed_weight, nearest_dequantized);
+      const auto held_out_reference = outputs_of(transformed_held_out, transformed_weight);
+      report.weight_output_error = weight_output_error(transformed_held_out, held_out_reference, dequantized);
+      report.nearest_output_error = weight_output_error(transformed_held_out, held_out_reference, nearest_dequantized);
+      const auto fit_reference = outputs_of(transformed_gptq, transformed_weight);
+      report.fit_output_error = weight_output_error(transformed_gptq, fit_reference, dequantized);
+      report.nearest_fit_output_error = weight_output_error(transformed_gptq, fit_reference, nearest_dequantized);
       report.gptq_dampening = gptq ? factor.dampening : 0.0;
       report.mean_clip_ratio = quantized.mean_clip_ratio;
       report.calibration_rows = search_rows.size(0);
