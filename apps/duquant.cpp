@@ -2,7 +2,7 @@
 //   duquant list MODEL                          which Linear layers would be quantized, and why
 //   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
 //   duquant sensitivity MODEL --calib C --inputs HELD_OUT   per-group end-to-end error, float-fallback curve
-//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs
+//   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs [--cuda-graph]
 //   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
 // Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
 #include <CLI/CLI.hpp>
@@ -22,6 +22,7 @@
 
 #include "duquant/calibrate.h"
 #include "duquant/config.h"
+#include "duquant/cuda_graph.h"
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
 #include "duquant/quantize_model.h"
@@ -29,6 +30,7 @@
 #include "duquant/report.h"
 #include "duquant/select.h"
 #include "duquant/sensitivity.h"
+#include "duquant/stage_times.h"
 #include "duquant/swap.h"
 
 namespace {
@@ -82,7 +84,8 @@ struct SettingFlags {
   }
 };
 
-int list_or_dry_run(const torch::jit::Module& model, const Config& config, bool json) {
+int list_or_dry_run(const torch::jit::Module& model, Config config, bool json) {
+  detect_scope(config, model);
   const auto recipe = QuantizeRecipe::from_config(config);
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
   if (json) {
@@ -106,8 +109,40 @@ std::string default_report_path(const std::string& output) {
   return (has_extension ? output.substr(0, dot) : output) + ".report.json";
 }
 
+// The original is never overwritten: -o and the report must name other files than the model (a
+// symbolic or hard link to it included) and than each other. Checked before any work.
+void refuse_overwriting_inputs(const std::string& model_path, const std::string& output_path,
+                               const std::string& report_path, const std::string& calibration_path) {
+  auto refuse_same = [](const std::string& written, const std::string& written_role, const std::string& read,
+                        const std::string& read_role) {
+    if (written == read || same_file(written, read)) {
+      throw UserError(fmt::format("{} '{}' is the {} '{}'; write to another path so that the {} is kept",
+                                  written_role, written, read_role, read, read_role),
+                      ExitCode::Usage);
+    }
+  };
+  refuse_same(output_path, "-o", model_path, "input model");
+  refuse_same(report_path, "the report", model_path, "input model");
+  refuse_same(report_path, "the report", output_path, "output model");
+  if (!calibration_path.empty()) {
+    refuse_same(output_path, "-o", calibration_path, "calibration inputs");
+    refuse_same(report_path, "the report", calibration_path, "calibration inputs");
+  }
+}
+
+// "auto" is CUDA when a device is present, else the CPU.
+torch::Device parse_device(const std::string& name) {
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  if (name == "cpu") return torch::kCPU;
+  if (name == "cuda") {
+    if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
+    return torch::kCUDA;
+  }
+  throw UserError(fmt::format("--device '{}' is unknown; use auto, cpu or cuda", name), ExitCode::Usage);
+}
+
 struct QuantizeArguments {
-  std::string model_path, output_path, report_path, sensitivity_path;
+  std::string model_path, output_path, report_path, sensitivity_path, device = "auto";
   std::vector<std::string> calibration_paths;
   bool data_free = false;
   int64_t keep_float = 0;
@@ -121,7 +156,7 @@ std::vector<std::string> target_paths(const std::vector<LinearDecision>& decisio
   return targets;
 }
 
-// "[obs 3/16] 12 s" on stderr, only when it is a terminal.
+// "[calibration observation 3/16] 12 s" on stderr, only when it is a terminal.
 ObservationCallback observation_progress(bool terminal, Clock::time_point start) {
   if (!terminal) return {};
   return [start](size_t done, size_t total) {
@@ -138,8 +173,29 @@ void print_kept_float(const std::vector<LinearDecision>& decisions, std::ostream
   }
 }
 
-int quantize(QuantizeArguments arguments, const Config& config) {
-  auto model = load_model(arguments.model_path);
+int quantize(QuantizeArguments arguments, Config config) {
+  if (!arguments.output_path.empty()) {
+    if (arguments.report_path.empty()) arguments.report_path = default_report_path(arguments.output_path);
+    for (const auto& calibration_path : arguments.calibration_paths) {
+      refuse_overwriting_inputs(arguments.model_path, arguments.output_path, arguments.report_path, calibration_path);
+    }
+    refuse_overwriting_inputs(arguments.model_path, arguments.output_path, arguments.report_path, "");
+  }
+  const auto& report_path = arguments.report_path;
+  const auto start = Clock::now();
+  // The original's weights are freed as they are quantized unless the sensitivity ranking must
+  // still run it (--keep-float without a ranking file).
+  const bool ranks_here = arguments.keep_float > 0 && arguments.sensitivity_path.empty();
+  PipelineOptions pipeline;
+  pipeline.device = parse_device(arguments.device);
+  pipeline.release_original_weights = !ranks_here;
+  StageTimes load_and_save;
+  torch::jit::Module model;
+  {
+    StageTimer timer(load_and_save, Stage::Load);
+    model = load_model(arguments.model_path);
+  }
+  detect_scope(config, model);
   const auto recipe = QuantizeRecipe::from_config(config);
   auto decisions = select_linears(model, SelectionRules::from_config(config));
   if (arguments.keep_float < 0) throw UserError("--keep-float must be at least 0", ExitCode::Usage);
@@ -154,7 +210,7 @@ int quantize(QuantizeArguments arguments, const Config& config) {
                     ExitCode::Usage);
   }
   if (config.get_bool("dry-run")) {
-    if (arguments.keep_float > 0 && arguments.sensitivity_path.empty()) {
+    if (ranks_here) {
       throw UserError("a dry run with --keep-float needs the ranking from --sensitivity FILE (`duquant sensitivity "
                       "... --json FILE`); without it the ranking is measured, which needs a real run",
                       ExitCode::Usage);
@@ -177,10 +233,9 @@ int quantize(QuantizeArguments arguments, const Config& config) {
   if (arguments.data_free && !arguments.calibration_paths.empty()) {
     throw UserError("--data-free and --calib exclude each other; drop one", ExitCode::Usage);
   }
-  if (arguments.data_free && arguments.keep_float > 0 && arguments.sensitivity_path.empty()) {
+  if (arguments.data_free && ranks_here) {
     throw UserError("--keep-float with --data-free needs the ranking from --sensitivity FILE", ExitCode::Usage);
   }
-  auto report_path = arguments.report_path.empty() ? default_report_path(arguments.output_path) : arguments.report_path;
   check_writable(arguments.output_path);
   check_writable(report_path);
   for (const auto& [path, bits] : recipe.layer_bits) {
@@ -193,10 +248,12 @@ int quantize(QuantizeArguments arguments, const Config& config) {
   print_configuration(config, std::cout);
   print_matched_count(decisions, std::cout);
   std::vector<Observation> observations;
-  if (!arguments.data_free) observations = load_observations(arguments.calibration_paths);
+  if (!arguments.data_free) {
+    StageTimer timer(load_and_save, Stage::Load);
+    observations = load_observations(arguments.calibration_paths);
+  }
 
   const bool terminal = isatty(STDERR_FILENO);
-  const auto start = Clock::now();
   if (!observations.empty()) {
     std::cout << fmt::format("[DUQUANT] calibrating on {} observation(s), {} rows kept per layer ({} for the "
                              "rotation/clipping searches{})\n",
@@ -210,10 +267,10 @@ int quantize(QuantizeArguments arguments, const Config& config) {
                                  std::cout << replaced_line(layer) << "\n";
                                  if (terminal) fmt::print(stderr, "\r[{}/{}] {:.0f} s", done, total, seconds_since(start));
                                },
-                               observation_progress(terminal, start));
+                               observation_progress(terminal, start), pipeline);
   if (terminal) fmt::print(stderr, "\n");
 
-  if (arguments.keep_float > 0 && arguments.sensitivity_path.empty()) {
+  if (ranks_here) {
     // No ranking given: measure it on the calibration observations with this quantized model.
     std::cout << fmt::format("[DUQUANT] ranking groups by sensitivity on the {} calibration observation(s)\n",
                              observations.size());
@@ -268,22 +325,30 @@ int quantize(QuantizeArguments arguments, const Config& config) {
   }
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
-  // Both files or neither: the report goes first and is removed again if the model cannot be written.
-  auto report = quantize_report_json(config, result, decisions, arguments.model_path, arguments.output_path);
-  for (const auto& [path, rank] : kept) report["kept_float"].push_back({{"path", path}, {"rank", rank}});
-  if (!kept.empty()) report["layers_environment"] = layers_environment_line(config, decisions);
-  write_text_atomically(report.dump(2) + "\n", report_path);
-  try {
+  {
+    StageTimer timer(load_and_save, Stage::Save);
     save_model_atomically(result.model, arguments.output_path);
-  } catch (...) {
-    std::remove(report_path.c_str());
-    throw;
+  }
+  result.stages += load_and_save;
+  // Both files or neither: the model is removed again if the report cannot be written, or if a
+  // signal ends the process before the report is complete. (The model goes first so that the
+  // report can hold the time its save took.)
+  {
+    RemoveOnSignal remove_model_on_signal(arguments.output_path);
+    try {
+      auto report = quantize_report_json(config, result, decisions, arguments.model_path, arguments.output_path);
+      for (const auto& [path, rank] : kept) report["kept_float"].push_back({{"path", path}, {"rank", rank}});
+      if (!kept.empty()) report["layers_environment"] = layers_environment_line(config, decisions);
+      write_text_atomically(report.dump(2) + "\n", report_path);
+    } catch (...) {
+      std::remove(arguments.output_path.c_str());
+      throw;
+    }
   }
   std::cout << fmt::format("[DUQUANT] target layer memory: {:.2f} MiB as bf16, {:.2f} MiB as W4A8 ({:.2f}x smaller)\n",
                            result.bf16_bytes / 1048576.0, result.w4a8_bytes / 1048576.0,
                            static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1));
-  std::cout << fmt::format("[DUQUANT] calibration {:.1f} s, transform+quantize {:.1f} s, total {:.1f} s\n",
-                           result.calibration_seconds, result.transform_seconds, seconds_since(start));
+  print_stage_table(result.stages, seconds_since(start), std::cout);
   std::cout << fmt::format("[DUQUANT] wrote {} ({:.1f} MiB, input {:.1f} MiB) and report {}\n", arguments.output_path,
                            file_size_bytes(arguments.output_path) / 1048576.0,
                            file_size_bytes(arguments.model_path) / 1048576.0, report_path);
@@ -291,18 +356,22 @@ int quantize(QuantizeArguments arguments, const Config& config) {
 }
 
 int sensitivity(const std::string& model_path, const std::vector<std::string>& calibration_paths,
-                const std::string& inputs_path, const std::string& json_path, const Config& config) {
+                const std::string& inputs_path, const std::string& json_path, const std::string& device_name,
+                Config config) {
   auto model = load_model(model_path);
   if (calibration_paths.empty()) {
     throw UserError("sensitivity needs calibration inputs (--calib FILE or DIRECTORY)", ExitCode::Usage);
   }
   if (!json_path.empty()) check_writable(json_path);
+  detect_scope(config, model);
+  PipelineOptions pipeline;
+  pipeline.device = parse_device(device_name);
   const auto recipe = QuantizeRecipe::from_config(config);
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
   const auto observations = load_observations(calibration_paths);
   const std::vector<Observation> evaluation = {{inputs_path, load_inputs(inputs_path)}};
-  for (const auto& path : calibration_paths) {
-    if (path == inputs_path) {
+  for (const auto& observation : observations) {
+    if (observation.path == inputs_path || same_file(observation.path, inputs_path)) {
       throw UserError(fmt::format("--inputs '{}' is also a calibration input; measure on held-out inputs "
                                   "(make_pi0.py writes STEM.heldout.inputs.pt)",
                                   inputs_path),
@@ -317,7 +386,7 @@ int sensitivity(const std::string& model_path, const std::vector<std::string>& c
                                   [&](const LayerReport&, size_t done, size_t total) {
                                     if (terminal) fmt::print(stderr, "\r[quantize {}/{}] {:.0f} s", done, total, seconds_since(start));
                                   },
-                                  observation_progress(terminal, start));
+                                  observation_progress(terminal, start), pipeline);
   if (terminal) fmt::print(stderr, "\n");
   const double quantize_seconds = seconds_since(start);
   const auto result = measure_sensitivity(
@@ -362,18 +431,30 @@ torch::Tensor output_tensor(const torch::jit::IValue& output) {
   throw UserError("the model's forward does not return a tensor (or a tuple starting with one)");
 }
 
-torch::Device parse_device(const std::string& name) {
-  if (name == "cpu") return torch::kCPU;
-  if (name == "cuda") {
-    if (!torch::cuda::is_available()) throw UserError("--device cuda: no CUDA device is available; use --device cpu");
-    return torch::kCUDA;
-  }
-  throw UserError(fmt::format("--device '{}' is unknown; use cpu or cuda", name), ExitCode::Usage);
+struct RunOptions {
+  std::string device = "auto";
+  bool cuda_graph = false;
+  int repeat = 1;
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t middle = values.size() / 2;
+  return values.size() % 2 ? values[middle] : 0.5 * (values[middle - 1] + values[middle]);
 }
 
+// --repeat N times the first call and the median of the others (one-shot vs steady state);
+// --cuda-graph captures the forward once (include/duquant/cuda_graph.h) and replays it.
 int run(const std::string& model_path, const std::string& inputs_path, const std::string& save_path,
-        const std::string& device_name) {
-  const auto device = parse_device(device_name);
+        const RunOptions& options) {
+  const auto device = parse_device(options.device);
+  if (options.cuda_graph && !device.is_cuda()) {
+    throw UserError(options.device == "auto"
+                        ? "--cuda-graph needs a CUDA device and none is available; run without --cuda-graph"
+                        : "--cuda-graph needs --device cuda (or auto on a machine with a GPU); drop --cuda-graph to "
+                          "run on the CPU",
+                    options.device == "auto" ? ExitCode::Failure : ExitCode::Usage);
+  }
   auto model = load_model(model_path);
   auto inputs = load_inputs(inputs_path);
   if (!save_path.empty()) check_writable(save_path);
@@ -381,14 +462,43 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
   for (auto& value : inputs.values) {
     if (value.isTensor()) value = value.toTensor().to(device);
   }
-  const auto start = Clock::now();
-  const auto output = output_tensor(run_forward(model, inputs)).to(torch::kCPU);
-  const double seconds = seconds_since(start);
+  // Host clock around each call, finished on the device: the latency a caller waits for.
+  auto finish = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  std::unique_ptr<CudaGraphRunner> graph;
+  torch::jit::IValue result;
+  auto start = Clock::now();
+  if (options.cuda_graph) {
+    graph = CudaGraphRunner::capture(model, inputs);
+    result = graph->replay();
+  } else {
+    result = run_forward(model, inputs);
+  }
+  finish();
+  const double first_seconds = seconds_since(start);
+  std::vector<double> steady_seconds;
+  for (int call = 1; call < options.repeat; ++call) {
+    start = Clock::now();
+    result = graph ? graph->replay() : run_forward(model, inputs);
+    finish();
+    steady_seconds.push_back(seconds_since(start));
+  }
+  const auto output = output_tensor(result).to(torch::kCPU);
   const auto as_float = output.to(torch::kFloat);
+  const std::string where = fmt::format("{}{}", device.str(), graph ? " (CUDA graph)" : "");
   std::cout << fmt::format("[DUQUANT] ran {} on {}: output {} {} in {:.3f} s; mean {:.6g}, std {:.6g}, max |y| {:.6g}\n",
-                           model_path, device_name, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
-                           seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
+                           model_path, where, fmt::join(output.sizes(), "x"), c10::toString(output.scalar_type()),
+                           first_seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
                            as_float.abs().max().item<double>());
+  if (!steady_seconds.empty()) {
+    const auto [fastest, slowest] = std::minmax_element(steady_seconds.begin(), steady_seconds.end());
+    std::cout << fmt::format("[DUQUANT] {} calls: first {:.2f} ms{}, then median {:.2f} ms (min {:.2f}, max {:.2f}) "
+                             "over {} call{}\n",
+                             options.repeat, 1e3 * first_seconds, graph ? " (warm-up, capture and one replay)" : "",
+                             1e3 * median(steady_seconds), 1e3 * *fastest, 1e3 * *slowest, steady_seconds.size(),
+                             steady_seconds.size() == 1 ? "" : "s");
+  }
   if (!save_path.empty()) {
     torch::jit::Module container(c10::QualifiedName("__torch__.duquant.Output"),
                                  std::make_shared<torch::jit::CompilationUnit>());
@@ -412,52 +522,69 @@ ErrorFigures compare(const torch::Tensor& approximate, const torch::Tensor& exac
   return figures;
 }
 
+// The two models never coexist in memory (peak: the larger of the two, plus the small per-layer
+// state): the quantized model runs first and only its W4A8 layers' state (the packed weights) is
+// kept; then the original runs, its observed per-layer input rows go through its float Linear
+// and through the kept W4A8 layers.
 int verify(const std::string& original_path, const std::string& quantized_path, const std::string& inputs_path,
            const std::string& json_path, int64_t rows) {
-  auto original = load_model(original_path);
-  auto quantized = load_model(quantized_path);
-  const auto inputs = load_inputs(inputs_path);
+  if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
   if (!json_path.empty()) check_writable(json_path);
+  const auto inputs = load_inputs(inputs_path);
 
   std::vector<std::string> layers;
-  std::map<std::string, torch::jit::Module> quantized_layers;
-  for (const auto& item : quantized.named_modules()) {
-    if (is_quantized_linear(item.value)) {
-      layers.push_back(item.name);
-      quantized_layers.emplace(item.name, item.value);
+  std::map<std::string, W4A8LinearState> quantized_layers;
+  torch::Tensor approximate;
+  {
+    auto quantized = load_model(quantized_path);
+    for (const auto& item : quantized.named_modules()) {
+      if (is_quantized_linear(item.value)) {
+        layers.push_back(item.name);
+        quantized_layers.emplace(item.name, W4A8LinearClass::read(item.value));
+      }
     }
-  }
-  if (layers.empty()) throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
-  if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
-  std::map<std::string, torch::jit::Module> originals;
-  for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
-  for (const auto& path : layers) {
-    if (!originals.count(path) || !is_linear(originals.at(path))) {
-      throw UserError(fmt::format("'{}' has no Linear at '{}', where '{}' has a W4A8 layer; give the model that was "
-                                  "quantized",
-                                  original_path, path, quantized_path));
+    if (layers.empty()) {
+      throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
     }
+    approximate = output_tensor(run_forward(quantized, inputs));
   }
 
-  const auto exact = output_tensor(run_forward(original, inputs));
-  const auto approximate = output_tensor(run_forward(quantized, inputs));
-  if (exact.sizes() != approximate.sizes()) {
-    throw UserError("the two models' outputs differ in shape; are they the same model?");
+  torch::Tensor exact;
+  std::map<std::string, std::pair<torch::Tensor, torch::Tensor>> samples_and_references;
+  {
+    auto original = load_model(original_path);
+    std::map<std::string, torch::jit::Module> originals;
+    for (const auto& item : original.named_modules()) originals.emplace(item.name, item.value);
+    for (const auto& path : layers) {
+      if (!originals.count(path) || !is_linear(originals.at(path))) {
+        throw UserError(fmt::format("'{}' has no Linear at '{}', where '{}' has a W4A8 layer; give the model that "
+                                    "was quantized",
+                                    original_path, path, quantized_path));
+      }
+    }
+    exact = output_tensor(run_forward(original, inputs));
+    if (exact.sizes() != approximate.sizes()) {
+      throw UserError("the two models' outputs differ in shape; are they the same model?");
+    }
+    // Per layer: the original float layer on its observed input rows.
+    torch::NoGradGuard no_grad;
+    const auto statistics = calibrate(original, layers, inputs, rows);
+    for (const auto& path : layers) {
+      const auto sample = statistics.at(path).sample.to(torch::kFloat);  // kept in the input's dtype
+      const auto& linear = originals.at(path);
+      const auto bias = linear_bias(linear);
+      const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
+                                           bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
+      samples_and_references.emplace(path, std::make_pair(sample, reference));
+    }
   }
   const auto end_to_end = compare(approximate, exact);
 
-  // Per layer: the W4A8 layer and the original float layer on the same observed input rows.
   torch::NoGradGuard no_grad;
-  const auto statistics = calibrate(original, layers, inputs, rows);
   std::vector<std::pair<std::string, ErrorFigures>> per_layer;
   for (const auto& path : layers) {
-    const auto sample = statistics.at(path).sample.to(torch::kFloat);  // kept in the input's dtype
-    const auto& linear = originals.at(path);
-    const auto bias = linear_bias(linear);
-    const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
-                                         bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
-    const auto output = W4A8LinearClass::read(quantized_layers.at(path)).forward(sample);
-    per_layer.emplace_back(path, compare(output, reference));
+    const auto& [sample, reference] = samples_and_references.at(path);
+    per_layer.emplace_back(path, compare(quantized_layers.at(path).forward(sample), reference));
   }
   std::sort(per_layer.begin(), per_layer.end(),
             [](const auto& a, const auto& b) { return a.second.relative_l2 > b.second.relative_l2; });
@@ -490,9 +617,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   std::string model_path, inputs_path, save_path, json_path;
-  std::string quantized_path, device = "cpu";
-  bool json = false;
+  std::string quantized_path;
+  RunOptions run_options;
   QuantizeArguments quantize_arguments;
+  bool json = false;
   int64_t rows = 256;
 
   auto* list = app.add_subcommand("list", "show which Linear layers would be quantized, and which rule decided each");
@@ -517,10 +645,13 @@ int main(int argc, char** argv) {
   quantize_command->add_option("--sensitivity", quantize_arguments.sensitivity_path,
                                "ranking for --keep-float from `duquant sensitivity --json` (default: measured on the "
                                "calibration inputs)");
+  quantize_command->add_option("--device", quantize_arguments.device,
+                               "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
   SettingFlags quantize_flags;
   quantize_flags.add_to(*quantize_command);
 
   std::vector<std::string> sensitivity_calibration;
+  std::string sensitivity_device = "auto";
   auto* sensitivity_command = app.add_subcommand(
       "sensitivity", "rank layer groups by the end-to-end error each causes alone; error vs groups kept float");
   sensitivity_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
@@ -530,6 +661,8 @@ int main(int argc, char** argv) {
       ->required();
   sensitivity_command->add_option("--inputs", inputs_path, "held-out evaluation inputs (.inputs.pt)")->required();
   sensitivity_command->add_option("--json", json_path, "write the ranking and the curve as JSON");
+  sensitivity_command->add_option("--device", sensitivity_device,
+                                  "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
   SettingFlags sensitivity_flags;
   sensitivity_flags.add_to(*sensitivity_command);
 
@@ -537,7 +670,11 @@ int main(int argc, char** argv) {
   run_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
   run_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
   run_command->add_option("--save", save_path, "write the output tensor (TorchScript container, buffer 'output')");
-  run_command->add_option("--device", device, "cpu or cuda");
+  run_command->add_option("--device", run_options.device, "auto (CUDA when present), cpu or cuda");
+  run_command->add_flag("--cuda-graph", run_options.cuda_graph,
+                        "capture the whole forward into a CUDA graph once, then replay it (needs CUDA)");
+  run_command->add_option("--repeat", run_options.repeat, "run N times: first call and median of the others")
+      ->check(CLI::Range(1, 1000000));
 
   auto* verify_command = app.add_subcommand("verify", "compare a quantized model with its original");
   verify_command->add_option("original", model_path, "original TorchScript model")->required();
@@ -556,14 +693,18 @@ int main(int argc, char** argv) {
     std::cerr << "duquant: error: " << one_line(error.what()) << "; see duquant --help\n";
     return static_cast<int>(ExitCode::Usage);
   }
+  // Every command runs the model once or a few times (calibration, run, verify), except `run
+  // --repeat N` and `run --cuda-graph`, which measure or capture the optimised steady state.
+  const bool steady_state_run = run_command->parsed() && (run_options.repeat > 1 || run_options.cuda_graph);
+  if (!steady_state_run) use_one_shot_executor();
   try {
     if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
     if (quantize_command->parsed()) return quantize(quantize_arguments, quantize_flags.resolve(*quantize_command));
     if (sensitivity_command->parsed()) {
-      return sensitivity(model_path, sensitivity_calibration, inputs_path, json_path,
+      return sensitivity(model_path, sensitivity_calibration, inputs_path, json_path, sensitivity_device,
                          sensitivity_flags.resolve(*sensitivity_command));
     }
-    if (run_command->parsed()) return run(model_path, inputs_path, save_path, device);
+    if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
     if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);
   } catch (const UserError& error) {
     std::cerr << "duquant: error: " << error.what() << "\n";

@@ -1,16 +1,18 @@
 // duquant_bench: times the CUDA W4A8 operator against torch::linear in bf16 (cuBLAS) on the pi0
 // layer shapes (DESIGN.md sections 3, 6, 7), in one process with CUDA events, and optionally the
-// end-to-end forward latency and peak GPU memory of a bf16 model and its W4A8 version.
+// end-to-end latency and peak GPU memory of a bf16 model and its W4A8 version, each eager and
+// captured as one CUDA graph (include/duquant/cuda_graph.h), with the W4A8 / bf16 ratios.
 //
 //   duquant_bench [--tokens 1,16,51,816] [--iterations 200] [--json out.json]
-//   duquant_bench --model BF16.pt --quantized W4A8.pt --inputs INPUTS.pt [--method forward]
+//   duquant_bench --no-ops --model BF16.pt --quantized W4A8.pt --inputs INPUTS.pt [--model-iterations 20]
 //
 // Per shape and token count it reports the whole op, its two kernels alone (pre-kernel: transform
 // + int8 quantization; GEMM: W4A8 tensor-core GEMM + split-K reduction), bf16 linear, the ratio
 // op / bf16, and the op's achieved tensor throughput (2 M N K / t), memory throughput (bytes the
 // op must move / t) and the larger of the two as a fraction of the H100 SXM peaks of DESIGN.md
 // section 6 (1979 dense INT8 TOPS, 3.35 TB/s HBM). Weights and activations are random: only the
-// shapes matter for timing. Without a GPU it says so and exits 0.
+// shapes matter for timing. Without a GPU the operator table says so and exits 0; the end-to-end
+// comparison is refused with a one-line error.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <CLI/CLI.hpp>
@@ -20,13 +22,15 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "duquant/cuda_graph.h"
+#include "duquant/errors.h"
+#include "duquant/model_io.h"
 #include "duquant/ops.h"
 #include "w4a8_cuda.h"
 #include "w4a8_layout.h"
@@ -150,94 +154,170 @@ Measurement measure(const LayerShape& shape, int64_t tokens, int warmup, int ite
 }
 
 // ---------------------------------------------------------------------------------------------
-// End to end
-
-std::vector<torch::jit::IValue> load_inputs(const std::string& path, const torch::Device& device) {
-  auto container = torch::jit::load(path);
-  const auto names = container.attr("arg_names").toListRef();
-  std::vector<torch::jit::IValue> inputs;
-  for (size_t i = 0; i < names.size(); ++i) {
-    const std::string buffer = "arg" + std::to_string(i);
-    TORCH_CHECK(container.hasattr(buffer), "duquant_bench: ", path, " has no buffer ", buffer, " for input ",
-                names[i].toStringRef());
-    inputs.emplace_back(container.attr(buffer).toTensor().to(device));
-  }
-  return inputs;
-}
+// End to end: the whole model, eager and as one CUDA graph (DESIGN.md section 7 compares both
+// models under graphs: eagerly, launch overhead hides the kernels).
 
 struct EndToEnd {
-  std::string label;
-  double latency_ms = 0;
-  double weights_mib = 0;
-  double peak_mib = 0;
+  std::string model;  // "bf16" or "w4a8"
+  std::string mode;   // "eager" or "graph"
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double weights_mib = 0;        // allocated by moving the model to the GPU
+  double peak_allocated_mib = 0;  // during the timed calls (graph: capture included), weights included
+  double peak_reserved_mib = 0;   // what the caching allocator held (graph: its private pool included)
+  std::string output_dtype;
+  double difference_from_eager = 0;  // graph only: max |graph - eager| / max |eager| of the first output
 };
 
-double allocated_mib(c10::DeviceIndex device) {
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-  return static_cast<double>(stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current) /
-         (1024.0 * 1024.0);
+constexpr size_t kAggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+
+double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
+
+c10::CachingDeviceAllocator::DeviceStats device_stats() {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
 }
 
-EndToEnd run_model(const std::string& label, const std::string& path, const std::vector<torch::jit::IValue>& inputs,
-                   const std::string& method, int warmup, int iterations) {
-  const torch::Device device(torch::kCUDA);
-  const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
-  torch::cuda::synchronize();
-  const double before = allocated_mib(index);
-  auto module = torch::jit::load(path);
+// Per call: CUDA events around it, waited for before the next call, so each figure is the latency
+// of one call (host launch work included). Returns the sorted times in ms.
+std::vector<double> time_calls_ms(const std::function<void()>& call, int iterations) {
+  std::vector<double> times;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  for (int i = 0; i < iterations; ++i) {
+    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+    start.record(stream);
+    call();
+    stop.record(stream);
+    stop.synchronize();
+    times.push_back(static_cast<double>(start.elapsed_time(stop)));
+  }
+  std::sort(times.begin(), times.end());
+  return times;
+}
+
+void fill_times(EndToEnd& result, const std::vector<double>& sorted_ms) {
+  const size_t middle = sorted_ms.size() / 2;
+  result.median_ms = sorted_ms.size() % 2 ? sorted_ms[middle] : 0.5 * (sorted_ms[middle - 1] + sorted_ms[middle]);
+  result.min_ms = sorted_ms.front();
+  result.max_ms = sorted_ms.back();
+}
+
+torch::Tensor first_tensor(const torch::jit::IValue& value) {
+  if (value.isTensor()) return value.toTensor();
+  if (value.isTuple() && !value.toTupleRef().elements().empty()) return first_tensor(value.toTupleRef().elements()[0]);
+  throw duquant::UserError("the model's output holds no tensor to compare");
+}
+
+// Eager then graph for one model file; the model is freed (and the cache emptied) before return
+// so that the next model's peaks are its own.
+std::vector<EndToEnd> measure_model(const std::string& label, const std::string& path,
+                                    const duquant::ModelInputs& inputs, const std::string& method, int warmup,
+                                    int iterations) {
+  const torch::Device device(torch::kCUDA, c10::cuda::current_device());
+  torch::NoGradGuard no_grad;
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  const int64_t before = device_stats().allocated_bytes[kAggregate].current;
+  auto module = duquant::load_model(path);
   module.eval();
   // Only by device: Module::to(dtype) would also cast the packed and integer buffers (DESIGN.md 5).
   module.to(device);
   torch::cuda::synchronize();
-  EndToEnd result;
-  result.label = label;
-  result.weights_mib = allocated_mib(index) - before;
+  const double weights_mib = mib(device_stats().allocated_bytes[kAggregate].current - before);
+  if (!module.find_method(method)) throw duquant::UserError(fmt::format("{} has no method '{}'", path, method));
   auto entry = module.get_method(method);
-  torch::NoGradGuard no_grad;
-  c10::cuda::CUDACachingAllocator::resetPeakStats(index);
-  result.latency_ms = time_us([&] { entry(inputs); }, warmup, iterations) / 1000.0;
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
-  result.peak_mib =
-      static_cast<double>(stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak) /
-      (1024.0 * 1024.0);
-  return result;
+
+  std::vector<EndToEnd> results(2);
+  results[0].mode = "eager";
+  results[1].mode = "graph";
+  for (auto& result : results) {
+    result.model = label;
+    result.weights_mib = weights_mib;
+  }
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  torch::jit::IValue eager_output;
+  for (int i = 0; i < warmup; ++i) eager_output = entry(inputs.values);
+  fill_times(results[0], time_calls_ms([&] { entry(inputs.values); }, iterations));
+  const torch::Tensor eager = first_tensor(eager_output).to(torch::kFloat);
+  results[0].output_dtype = c10::toString(first_tensor(eager_output).scalar_type());
+  auto stats = device_stats();
+  results[0].peak_allocated_mib = mib(stats.allocated_bytes[kAggregate].peak);
+  results[0].peak_reserved_mib = mib(stats.reserved_bytes[kAggregate].peak);
+
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  duquant::CudaGraphOptions options;
+  options.method = method;
+  options.warmup_calls = std::max(warmup, 1);
+  auto graph = duquant::CudaGraphRunner::capture(module, inputs, options);
+  fill_times(results[1], time_calls_ms([&] { graph->replay(); }, iterations));
+  const torch::Tensor replayed = first_tensor(graph->output()).to(torch::kFloat);
+  results[1].output_dtype = c10::toString(first_tensor(graph->output()).scalar_type());
+  results[1].difference_from_eager =
+      ((replayed - eager).abs().max() / eager.abs().max().clamp_min(1e-30)).item<double>();
+  stats = device_stats();
+  results[1].peak_allocated_mib = mib(stats.allocated_bytes[kAggregate].peak);
+  results[1].peak_reserved_mib = mib(stats.reserved_bytes[kAggregate].peak);
+  graph.reset();
+  return results;
 }
 
-}  // namespace
+nlohmann::json end_to_end_json(const EndToEnd& r) {
+  return {{"model", r.model},
+          {"mode", r.mode},
+          {"median_ms", r.median_ms},
+          {"min_ms", r.min_ms},
+          {"max_ms", r.max_ms},
+          {"weights_mib", r.weights_mib},
+          {"peak_allocated_mib", r.peak_allocated_mib},
+          {"peak_reserved_mib", r.peak_reserved_mib},
+          {"output_dtype", r.output_dtype},
+          {"difference_from_eager", r.difference_from_eager}};
+}
 
-int main(int argc, char** argv) {
-  CLI::App app{"duquant_bench: W4A8 CUDA operator vs bf16 linear, and end-to-end model latency"};
-  std::vector<int64_t> token_counts = {1, 16, 51, 816};
-  int iterations = 200, warmup = 20, model_iterations = 10, model_warmup = 3;
-  std::string json_path, model_path, quantized_path, inputs_path, method = "forward";
-  app.add_option("--tokens", token_counts, "token counts M to time")->delimiter(',');
-  app.add_option("--iterations", iterations, "timed calls per measurement")->check(CLI::PositiveNumber);
-  app.add_option("--warmup", warmup, "untimed calls before each measurement")->check(CLI::NonNegativeNumber);
-  app.add_option("--json", json_path, "write the results as JSON to this file");
-  app.add_option("--model", model_path, "bf16 TorchScript model for the end-to-end comparison");
-  app.add_option("--quantized", quantized_path, "its W4A8 TorchScript version (duquant quantize)");
-  app.add_option("--inputs", inputs_path, "inputs container (buffers arg0..argN-1, List[str] arg_names)");
-  app.add_option("--method", method, "model method to time end to end");
-  app.add_option("--model-iterations", model_iterations, "timed end-to-end calls")->check(CLI::PositiveNumber);
-  CLI11_PARSE(app, argc, argv);
-
-  if (!torch::cuda::is_available()) {
-    fmt::print("no CUDA device: benchmark skipped\n");
-    return 0;
+// The bf16 and W4A8 models, each eager and under a CUDA graph, then the W4A8 / bf16 ratios.
+nlohmann::json run_end_to_end(const std::string& model_path, const std::string& quantized_path,
+                              const std::string& inputs_path, const std::string& method, int warmup, int iterations) {
+  auto inputs = duquant::load_inputs(inputs_path);
+  for (auto& value : inputs.values) {
+    if (value.isTensor()) value = value.toTensor().to(torch::kCUDA);
   }
-  if (!duquant::ops::cuda::cuda_kernels_available()) {
-    fmt::print("libduquant_ops was built without its CUDA kernels: benchmark skipped\n");
-    return 0;
+  std::vector<EndToEnd> results;
+  for (const auto& [label, path] : {std::pair<std::string, std::string>{"bf16", model_path}, {"w4a8", quantized_path}}) {
+    for (auto& result : measure_model(label, path, inputs, method, warmup, iterations)) results.push_back(result);
   }
-  torch::manual_seed(0);
-  const auto* properties = at::cuda::getCurrentDeviceProperties();
-  fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
-             properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
+  fmt::print("\nend to end, {} calls each (median of per-call CUDA-event times):\n", iterations);
+  fmt::print("{:<6} {:<6} {:>10} {:>9} {:>9} {:>12} {:>15} {:>15} {:>9} {:>12}\n", "model", "mode", "median ms",
+             "min ms", "max ms", "weights MiB", "peak alloc MiB", "peak resv MiB", "output", "graph-eager");
+  nlohmann::json json;
+  json["iterations"] = iterations;
+  json["runs"] = nlohmann::json::array();
+  for (const auto& r : results) {
+    fmt::print("{:<6} {:<6} {:>10.2f} {:>9.2f} {:>9.2f} {:>12.1f} {:>15.1f} {:>15.1f} {:>9} {:>12}\n", r.model, r.mode,
+               r.median_ms, r.min_ms, r.max_ms, r.weights_mib, r.peak_allocated_mib, r.peak_reserved_mib,
+               r.output_dtype, r.mode == "graph" ? fmt::format("{:.2e}", r.difference_from_eager) : "");
+    json["runs"].push_back(end_to_end_json(r));
+  }
+  // results: bf16 eager, bf16 graph, w4a8 eager, w4a8 graph
+  const double eager_ratio = results[2].median_ms / results[0].median_ms;
+  const double graph_ratio = results[3].median_ms / results[1].median_ms;
+  const double weight_ratio = results[2].weights_mib / std::max(results[0].weights_mib, 1e-9);
+  const double peak_ratio = results[3].peak_allocated_mib / std::max(results[1].peak_allocated_mib, 1e-9);
+  fmt::print("w4a8 / bf16 latency: eager {:.2f}, CUDA graph {:.2f} (target <= 0.80 under graphs)\n", eager_ratio,
+             graph_ratio);
+  fmt::print("CUDA graph speed-up over eager: bf16 {:.2f}x, w4a8 {:.2f}x\n", results[0].median_ms / results[1].median_ms,
+             results[2].median_ms / results[3].median_ms);
+  fmt::print("w4a8 / bf16 memory: weights {:.2f}, peak allocated under graphs {:.2f}\n", weight_ratio, peak_ratio);
+  json["ratios"] = {{"latency_eager_w4a8_over_bf16", eager_ratio},
+                    {"latency_graph_w4a8_over_bf16", graph_ratio},
+                    {"weights_w4a8_over_bf16", weight_ratio},
+                    {"peak_allocated_graph_w4a8_over_bf16", peak_ratio},
+                    {"graph_speedup_bf16", results[0].median_ms / results[1].median_ms},
+                    {"graph_speedup_w4a8", results[2].median_ms / results[3].median_ms}};
+  return json;
+}
 
-  nlohmann::json report;
-  report["device"] = properties->name;
-  report["iterations"] = iterations;
-  report["layers"] = nlohmann::json::array();
+// The per-layer operator table: every pi0 projection shape at every token count.
+nlohmann::json run_operator_table(const std::vector<int64_t>& token_counts, int warmup, int iterations) {
+  nlohmann::json json;
+  json["iterations"] = iterations;
+  json["layers"] = nlohmann::json::array();
   fmt::print("{:<18} {:>12} {:>5} {:>9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>7} {:>6}\n", "layer", "in->out", "M",
              "w4a8 us", "pre us", "gemm us", "bf16 us", "ratio", "TOPS", "GB/s", "%peak");
   for (const int64_t tokens : token_counts) {
@@ -246,44 +326,88 @@ int main(int argc, char** argv) {
       fmt::print("{:<18} {:>12} {:>5} {:>9.1f} {:>8.1f} {:>8.1f} {:>9.1f} {:>6.2f} {:>7.1f} {:>7.0f} {:>5.1f}%\n",
                  m.name, fmt::format("{}->{}", m.in_features, m.out_features), m.tokens, m.w4a8_us, m.pre_kernel_us,
                  m.gemm_us, m.bf16_us, m.w4a8_us / m.bf16_us, m.tops, m.gbps, 100.0 * m.peak_fraction);
-      report["layers"].push_back({{"layer", m.name},
-                                  {"in_features", m.in_features},
-                                  {"out_features", m.out_features},
-                                  {"tokens", m.tokens},
-                                  {"w4a8_us", m.w4a8_us},
-                                  {"pre_kernel_us", m.pre_kernel_us},
-                                  {"gemm_us", m.gemm_us},
-                                  {"bf16_us", m.bf16_us},
-                                  {"ratio", m.w4a8_us / m.bf16_us},
-                                  {"tops", m.tops},
-                                  {"gbps", m.gbps},
-                                  {"peak_fraction", m.peak_fraction}});
+      json["layers"].push_back({{"layer", m.name},
+                                {"in_features", m.in_features},
+                                {"out_features", m.out_features},
+                                {"tokens", m.tokens},
+                                {"w4a8_us", m.w4a8_us},
+                                {"pre_kernel_us", m.pre_kernel_us},
+                                {"gemm_us", m.gemm_us},
+                                {"bf16_us", m.bf16_us},
+                                {"ratio", m.w4a8_us / m.bf16_us},
+                                {"tops", m.tops},
+                                {"gbps", m.gbps},
+                                {"peak_fraction", m.peak_fraction}});
     }
   }
+  return json;
+}
 
-  if (!model_path.empty() || !quantized_path.empty()) {
-    if (model_path.empty() || quantized_path.empty() || inputs_path.empty()) {
-      std::cerr << "duquant_bench: --model, --quantized and --inputs go together\n";
-      return 2;
-    }
-    const auto inputs = load_inputs(inputs_path, torch::Device(torch::kCUDA));
-    report["end_to_end"] = nlohmann::json::array();
-    fmt::print("\n{:<10} {:>12} {:>14} {:>14}\n", "model", "latency ms", "weights MiB", "peak MiB");
-    std::vector<EndToEnd> results;
-    for (const auto& [label, path] : {std::pair<std::string, std::string>{"bf16", model_path}, {"w4a8", quantized_path}}) {
-      results.push_back(run_model(label, path, inputs, method, model_warmup, model_iterations));
-      const auto& r = results.back();
-      fmt::print("{:<10} {:>12.2f} {:>14.1f} {:>14.1f}\n", r.label, r.latency_ms, r.weights_mib, r.peak_mib);
-      report["end_to_end"].push_back(
-          {{"model", r.label}, {"latency_ms", r.latency_ms}, {"weights_mib", r.weights_mib}, {"peak_mib", r.peak_mib}});
-    }
-    fmt::print("latency ratio w4a8 / bf16: {:.2f}\n", results[1].latency_ms / results[0].latency_ms);
-  }
+}  // namespace
 
-  if (!json_path.empty()) {
-    std::ofstream out(json_path);
-    out << report.dump(2) << "\n";
-    fmt::print("wrote {}\n", json_path);
+int main(int argc, char** argv) {
+  CLI::App app{"duquant_bench: W4A8 CUDA operator vs bf16 linear, and end-to-end model latency"};
+  std::vector<int64_t> token_counts = {1, 16, 51, 816};
+  int iterations = 200, warmup = 20, model_iterations = 20, model_warmup = 3;
+  bool skip_ops = false;
+  std::string json_path, model_path, quantized_path, inputs_path, method = "forward";
+  app.add_option("--tokens", token_counts, "token counts M to time")->delimiter(',');
+  app.add_option("--iterations", iterations, "timed calls per measurement")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed calls before each measurement")->check(CLI::NonNegativeNumber);
+  app.add_option("--json", json_path, "write the results as JSON to this file");
+  app.add_flag("--no-ops", skip_ops, "skip the per-layer operator table (end-to-end only)");
+  app.add_option("--model", model_path, "bf16 TorchScript model for the end-to-end comparison");
+  app.add_option("--quantized", quantized_path, "its W4A8 TorchScript version (duquant quantize)");
+  app.add_option("--inputs", inputs_path, "inputs container (buffers arg0..argN-1, List[str] arg_names)");
+  app.add_option("--method", method, "model method to time end to end");
+  app.add_option("--model-iterations", model_iterations, "timed end-to-end calls (per model and mode)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--model-warmup", model_warmup, "untimed end-to-end calls before timing and before capture")
+      ->check(CLI::PositiveNumber);
+  CLI11_PARSE(app, argc, argv);
+
+  const bool end_to_end = !model_path.empty() || !quantized_path.empty() || !inputs_path.empty();
+  try {
+    if (end_to_end && (model_path.empty() || quantized_path.empty() || inputs_path.empty())) {
+      throw duquant::UserError("--model, --quantized and --inputs go together", duquant::ExitCode::Usage);
+    }
+    // The operator table alone is skipped (exit 0) on a machine without a GPU, so scripts can call
+    // it anywhere; an end-to-end comparison asked for by name is refused.
+    if (!torch::cuda::is_available()) {
+      if (end_to_end) throw duquant::UserError("the end-to-end benchmark needs a CUDA device and none is available");
+      fmt::print("no CUDA device: benchmark skipped\n");
+      return 0;
+    }
+    if (!duquant::ops::cuda::cuda_kernels_available()) {
+      if (end_to_end) {
+        throw duquant::UserError("libduquant_ops was built without its CUDA kernels; rebuild with the CUDA toolkit");
+      }
+      fmt::print("libduquant_ops was built without its CUDA kernels: benchmark skipped\n");
+      return 0;
+    }
+    if (!json_path.empty()) duquant::check_writable(json_path);
+    torch::manual_seed(0);
+    const auto* properties = at::cuda::getCurrentDeviceProperties();
+    fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
+               properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
+
+    nlohmann::json report;
+    report["device"] = properties->name;
+    if (!skip_ops) report["ops"] = run_operator_table(token_counts, warmup, iterations);
+    if (end_to_end) {
+      report["end_to_end"] = run_end_to_end(model_path, quantized_path, inputs_path, method, model_warmup,
+                                            model_iterations);
+    }
+    if (!json_path.empty()) {
+      duquant::write_text_atomically(report.dump(2) + "\n", json_path);
+      fmt::print("wrote {}\n", json_path);
+    }
+  } catch (const duquant::UserError& error) {
+    std::cerr << "duquant_bench: error: " << error.what() << "\n";
+    return static_cast<int>(error.code());
+  } catch (const c10::Error& error) {
+    std::cerr << "duquant_bench: error: " << duquant::interpreter_message(error.what_without_backtrace()) << "\n";
+    return static_cast<int>(duquant::ExitCode::Failure);
   }
   return 0;
 }

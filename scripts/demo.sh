@@ -33,6 +33,6 @@ echo "== 5. report ($OUT/pi0_tiny_w4a8.report.json), first layer:"
 .venv/bin/python - "$OUT/pi0_tiny_w4a8.report.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
-print(json.dumps({k: report[k] for k in ("layers_replaced", "calibration_seconds", "transform_seconds", "summary")}, indent=1))
+print(json.dumps({k: report[k] for k in ("layers_replaced", "stages", "peak_rss_bytes", "summary")}, indent=1))
 print(json.dumps(report["layers"][0], indent=1))
 PY

@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
-# GPU validation of the CUDA kernels, in one call of the device tool (no GPU on the development
-# machines). Two steps:
-#   here:   bash scripts/gpu_check.sh prepare
-#           (downloads and unpacks the Debian headers/libraries the device image lacks into
-#            .gpu_deps/ (git-ignored), and generates the tiny pi0 fixtures into .gpu_deps/fixtures)
-#   device: run(command="bash scripts/gpu_check.sh run", carry=[".gpu_deps"])
-#           builds with the device's own torch (python3) and nvcc, runs the CUDA tests against the
-#           CPU reference, the op benchmark and the tiny pi0 on CUDA vs CPU; results land in $OUT.
-set -euo pipefail
+# GPU validation of the CUDA kernels and of CUDA-graph runs in one call on a GPU machine (the
+# development machines have no GPU). Two steps:
+#   bash scripts/gpu_check.sh prepare
+#       on a machine with the project's .venv and package access: downloads and unpacks the Debian
+#       headers/libraries a bare GPU machine image lacks into .gpu_deps/ (git-ignored) and generates
+#       the tiny pi0 fixtures into .gpu_deps/fixtures.
+#   bash scripts/gpu_check.sh run OUTPUT_DIR
+#       on the GPU machine, with .gpu_deps/ next to the sources and the machine's own python3 torch
+#       and nvcc: builds for the machine's GPU only, runs the CUDA tests (kernels against the CPU
+#       reference, CUDA-graph capture), the tiny pi0 through `duquant run` on CPU, CUDA and CUDA
+#       graph, generates the full-size pi0 (bf16) while building, quantizes it to W4A8 (on the GPU
+#       when `duquant quantize` has --device), then the end-to-end benchmark (bf16 vs W4A8, eager and
+#       under CUDA graphs) and the per-layer operator benchmark. Every step has its own time limit
+#       and logs into OUTPUT_DIR; a failing step does not stop the later ones. The whole call stays
+#       within DUQUANT_GPU_BUDGET_SECONDS (default 570); OUTPUT_DIR/summary.txt lists each step's
+#       exit code and seconds, the test totals and the end-to-end table.
+set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DEPS="$ROOT/.gpu_deps"
 PACKAGES=(libcli11-dev nlohmann-json3-dev libgtest-dev libpcre2-dev libpcre2-8-0)
+NOTE_EXCLUDE='(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)'
+
+# step NAME SECONDS COMMAND...: runs COMMAND with a time limit (cut to what is left of the whole
+# call's budget, DEADLINE in $SECONDS), output to OUT/NAME.log, and records its exit code
+# (124: timed out or skipped) and duration in the summary.
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  local remaining=$((DEADLINE - SECONDS))
+  if ((remaining < 10)); then
+    echo "$name: skipped, the time budget is spent" | tee -a "$OUT/summary.txt"
+    return 124
+  fi
+  ((limit > remaining)) && limit=$remaining
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+  return $rc
+}
 
 case "${1:-}" in
   prepare)
+    set -e
     mkdir -p "$DEPS/debs"
     (cd "$DEPS/debs" && apt-get download "${PACKAGES[@]}")
     for deb in "$DEPS"/debs/*.deb; do dpkg -x "$deb" "$DEPS/root"; done
@@ -23,39 +52,91 @@ case "${1:-}" in
     du -sh "$DEPS"
     ;;
   run)
-    OUT="${OUT:-$ROOT/out/gpu}"
-    mkdir -p "$OUT"
+    if [ -z "${2:-}" ]; then
+      echo "usage: bash scripts/gpu_check.sh run OUTPUT_DIR" >&2
+      exit 2
+    fi
+    mkdir -p "$2"
+    OUT="$(cd "$2" && pwd)"
+    : > "$OUT/summary.txt"
+    DEADLINE=$((SECONDS + ${DUQUANT_GPU_BUDGET_SECONDS:-570}))
+    WORK="${DUQUANT_GPU_WORK:-/tmp/duquant-gpu}"  # full-size models: several GB, outside the sources
+    mkdir -p "$WORK"
+    BUILD="$ROOT/build-gpu"
+    F="$DEPS/fixtures"
+    export DUQUANT_FIXTURE_DIR="$F"
     export PKG_CONFIG_PATH="$DEPS/root/usr/lib/x86_64-linux-gnu/pkgconfig:$DEPS/root/usr/share/pkgconfig"
     export LD_LIBRARY_PATH="$DEPS/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$OUT/device.txt"
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/device.txt"
     TORCH_PREFIX="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')"
-    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDUQUANT_WITH_CUDA=ON \
-      -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$DEPS/root/usr" -DCMAKE_INCLUDE_PATH="$DEPS/root/usr/include" \
-      > "$OUT/configure.log" 2>&1
-    cmake --build build-gpu -j "$(nproc)" > "$OUT/build.log" 2>&1
-    set +e
-    ./build-gpu/tests/test_ops_layout_cuda > "$OUT/test_ops_layout_cuda.log" 2>&1
-    ./build-gpu/tests/test_ops_cuda > "$OUT/test_ops_cuda.log" 2>&1
-    echo "test_ops_cuda exit $?" | tee -a "$OUT/summary.txt"
-    ./build-gpu/duquant_bench --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-    F="$DEPS/fixtures"
-    ./build-gpu/duquant quantize "$F/pi0_tiny_script.pt" -o build-gpu/pi0_w4a8.pt --calib "$F/pi0_tiny.inputs.pt" \
-      --exclude '(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)' \
-      > "$OUT/quantize.log" 2>&1
-    for device in cpu cuda; do
-      ./build-gpu/duquant run build-gpu/pi0_w4a8.pt --inputs "$F/pi0_tiny.inputs.pt" --device $device \
-        --save "build-gpu/out_$device.pt" >> "$OUT/model_cpu_vs_cuda.log" 2>&1
-    done
-    python3 - >> "$OUT/model_cpu_vs_cuda.log" 2>&1 <<'PY' || true
-import torch
-cpu, cuda = (torch.jit.load(f"build-gpu/out_{d}.pt").output for d in ("cpu", "cuda"))
-print("tiny pi0 W4A8, CUDA vs CPU: max abs", (cpu - cuda).abs().max().item(),
-      "rel L2", ((cpu - cuda).norm() / cpu.norm()).item())
+    # Only this GPU's architecture: halves the kernels' compile time (Hopper needs 9.0a for its
+    # arch-specific instructions).
+    capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')"
+    [ "$capability" = "9.0" ] && capability="9.0a"
+    capability="${capability:-8.0;9.0a}"
+    generator=(-G Ninja)
+    command -v ninja > /dev/null || generator=()
+
+    # The full-size pi0 is generated on the CPU while the project builds.
+    (
+      start=$SECONDS
+      timeout 420 python3 scripts/make_pi0.py --variant pi0 --size full --exports script --out "$WORK" \
+        > "$OUT/make_pi0_full.log" 2>&1
+      echo "make_pi0_full: exit $?, $((SECONDS - start)) s (in the background)" >> "$OUT/summary.txt"
+    ) &
+    generation=$!
+
+    step configure 120 cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DDUQUANT_WITH_CUDA=ON \
+      -DDUQUANT_CUDA_ARCH_LIST="$capability" -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$DEPS/root/usr" \
+      -DCMAKE_INCLUDE_PATH="$DEPS/root/usr/include"
+    step build 300 cmake --build "$BUILD" -j "$(nproc)" --target duquant duquant_bench test_ops_layout_cuda \
+      test_ops_cuda test_cuda_graph
+    grep -iE "warning|spill" "$OUT/build.log" > "$OUT/build_warnings.txt" || true
+
+    step test_ops_layout_cuda 60 "$BUILD/tests/test_ops_layout_cuda"
+    step test_ops_cuda 150 "$BUILD/tests/test_ops_cuda"
+    step test_cuda_graph 150 "$BUILD/tests/test_cuda_graph"
+
+    # The tiny pi0, W4A8: the CLI on CPU, CUDA and as a CUDA graph; the outputs compared.
+    step quantize_tiny 120 "$BUILD/duquant" quantize "$F/pi0_tiny_script.pt" -o "$WORK/pi0_tiny_w4a8.pt" \
+      --calib "$F/pi0_tiny.inputs.pt" --exclude "$NOTE_EXCLUDE"
+    tiny=("$WORK/pi0_tiny_w4a8.pt" --inputs "$F/pi0_tiny.inputs.pt")
+    step run_tiny_cpu 60 "$BUILD/duquant" run "${tiny[@]}" --device cpu --save "$WORK/tiny_cpu.pt"
+    step run_tiny_cuda 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --save "$WORK/tiny_cuda.pt"
+    step run_tiny_cuda_graph 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --cuda-graph --repeat 20 \
+      --save "$WORK/tiny_cuda_graph.pt"
+    python3 - "$WORK" > "$OUT/run_tiny_compare.log" 2>&1 <<'PY'
+import sys, torch
+work = sys.argv[1]
+cpu = torch.jit.load(f"{work}/tiny_cpu.pt").output.float()
+for name in ("tiny_cuda", "tiny_cuda_graph"):
+    other = torch.jit.load(f"{work}/{name}.pt").output.float()
+    print(f"pi0 tiny W4A8, {name} vs CPU: max abs {(cpu - other).abs().max().item():.3e}, "
+          f"rel L2 {((cpu - other).norm() / cpu.norm()).item():.3e}")
 PY
-    tail -3 "$OUT"/*.log | tee -a "$OUT/summary.txt"
+
+    wait "$generation"
+    quantize_device=()
+    if "$BUILD/duquant" quantize --help 2>&1 | grep -q -- "--device"; then quantize_device=(--device cuda); fi
+    echo "quantize full with: ${quantize_device[*]:-(CPU, no --device option)}" >> "$OUT/summary.txt"
+    step quantize_full 300 "$BUILD/duquant" quantize "$WORK/pi0_full_script.pt" -o "$WORK/pi0_full_w4a8.pt" \
+      --calib "$WORK/pi0_full.inputs.pt" --exclude "$NOTE_EXCLUDE" "${quantize_device[@]}"
+    step bench_end_to_end 240 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
+      --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
+      --json "$OUT/bench_end_to_end.json"
+    step bench_ops 120 "$BUILD/duquant_bench" --iterations 100 --warmup 10 --json "$OUT/bench_ops.json"
+
+    for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph; do
+      grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/$log.log" | sed "s/^/$log: /" >> "$OUT/summary.txt"
+    done
+    cat "$OUT/run_tiny_compare.log" >> "$OUT/summary.txt"
+    grep -E "^\[DUQUANT\] (calibration|target layer memory)" "$OUT/quantize_full.log" >> "$OUT/summary.txt"
+    sed -n '/^end to end/,$p' "$OUT/bench_end_to_end.log" >> "$OUT/summary.txt"
+    cat "$OUT/summary.txt"
     ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare | run OUTPUT_DIR" >&2
     exit 2
     ;;
 esac

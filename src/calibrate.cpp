@@ -47,14 +47,15 @@ std::string parent_path(const std::string& path) {
 
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
-                                                 int64_t sample_rows) {
-  return calibrate(model, targets, std::vector<Observation>{{"", inputs}}, sample_rows);
+                                                 int64_t sample_rows, const torch::Device& device) {
+  return calibrate(model, targets, std::vector<Observation>{{"", inputs}}, sample_rows, {}, device);
 }
 
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets,
                                                  const std::vector<Observation>& observations, int64_t sample_rows,
-                                                 const ObservationCallback& on_observation) {
+                                                 const ObservationCallback& on_observation,
+                                                 const torch::Device& device) {
   ScriptModuleClass observer_class(model._ivalue()->compilation_unit(), kObserverTypeName, observer_attributes(),
                                    kObserverForward);
   std::map<std::string, torch::jit::Module> observers;
@@ -73,14 +74,28 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                  sample_rows, int64_t{0}, int64_t{1}}));
   }
   auto observing = replace_submodules(model, observers);
-  for (size_t i = 0; i < observations.size(); ++i) {
-    try {
-      run_forward(observing, observations[i].inputs);
-    } catch (const UserError& error) {
-      if (observations[i].path.empty()) throw;
-      throw UserError(fmt::format("calibration observation '{}': {}", observations[i].path, error.what()), error.code());
+  // Unchanged submodules are shared with `model`, so moving the observing copy moves them too;
+  // it goes back to the CPU once the statistics are read.
+  const bool moved = device != torch::Device(torch::kCPU);
+  if (moved) observing.to(device);
+  try {
+    for (size_t i = 0; i < observations.size(); ++i) {
+      ModelInputs device_inputs = observations[i].inputs;
+      for (auto& value : device_inputs.values) {
+        if (value.isTensor()) value = value.toTensor().to(device);
+      }
+      try {
+        run_forward(observing, device_inputs);
+      } catch (const UserError& error) {
+        if (observations[i].path.empty()) throw;
+        throw UserError(fmt::format("calibration observation '{}': {}", observations[i].path, error.what()),
+                        error.code());
+      }
+      if (on_observation) on_observation(i + 1, observations.size());
     }
-    if (on_observation) on_observation(i + 1, observations.size());
+  } catch (...) {
+    if (moved) observing.to(torch::kCPU);
+    throw;
   }
 
   std::map<std::string, LayerStatistics> statistics;
@@ -89,6 +104,11 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     stats.absmax = observer.attr("absmax").toTensor();
     stats.sample = observer.attr("sample").toTensor();
     stats.tokens = observer.attr("tokens").toInt();
+    statistics.emplace(path, std::move(stats));
+  }
+  if (moved) observing.to(torch::kCPU);
+
+  for (const auto& [path, stats] : statistics) {
     if (stats.tokens == 0) {
       throw UserError(fmt::format("layer '{}' was not called by the model's forward on the given inputs; exclude "
                                   "it from the selection or give inputs that reach it",
@@ -99,7 +119,6 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                   "model weights and the calibration inputs",
                                   path));
     }
-    statistics.emplace(path, std::move(stats));
   }
   return statistics;
 }

@@ -91,6 +91,14 @@ void Config::apply_flag(const std::string& key, const std::string& value) {
   setting.source = "flag --" + key;
 }
 
+void Config::apply_detected(const std::string& key, const std::string& value) {
+  auto& setting = find(key);
+  setting.value = value;
+  setting.source = "detected";
+}
+
+bool Config::is_default(const std::string& key) const { return find(key).source == "default"; }
+
 const std::string& Config::get(const std::string& key) const { return find(key).value; }
 
 int64_t Config::get_int(const std::string& key) const {

@@ -3,13 +3,15 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
-
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -26,8 +28,8 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
-// The TorchScript interpreter reports a failing op as a multi-line traceback whose useful part is
-// the last "RuntimeError: ..." (or last non-empty) line.
+}  // namespace
+
 std::string interpreter_message(const std::string& text) {
   std::string best, line;
   std::istringstream lines(text);
@@ -38,6 +40,8 @@ std::string interpreter_message(const std::string& text) {
   }
   return best;
 }
+
+namespace {
 
 bool starts_with_zip_magic(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
@@ -221,6 +225,8 @@ torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inp
   }
 }
 
+void use_one_shot_executor() { torch::jit::setGraphExecutorOptimize(false); }
+
 bool path_exists(const std::string& path) {
   struct stat info {};
   return stat(path.c_str(), &info) == 0;
@@ -257,12 +263,80 @@ void check_writable(const std::string& path) {
   }
 }
 
+bool same_file(const std::string& first, const std::string& second) {
+  struct stat a {}, b {};
+  return stat(first.c_str(), &a) == 0 && stat(second.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
+         a.st_ino == b.st_ino;
+}
+
+namespace {
+
+// Paths to remove when a terminating signal arrives. The handler may only call async-signal-safe
+// functions (unlink, signal, raise), so the paths live in fixed static buffers; a slot's path is
+// complete before `in_use` publishes it.
+constexpr int kRemoveSlots = 8;
+constexpr size_t kMaxPathBytes = 4096;
+struct RemoveSlot {
+  char path[kMaxPathBytes];
+  volatile std::sig_atomic_t in_use;
+};
+RemoveSlot remove_slots[kRemoveSlots];
+constexpr int kTerminatingSignals[] = {SIGINT, SIGTERM, SIGHUP};
+
+extern "C" void remove_registered_files_and_reraise(int signal_number) {
+  for (auto& slot : remove_slots) {
+    if (slot.in_use) unlink(slot.path);
+  }
+  // SA_RESETHAND restored the default action; the signal is blocked inside this handler, so it is
+  // delivered, and ends the process, as soon as the handler returns.
+  raise(signal_number);
+}
+
+void install_signal_handlers_once() {
+  static std::atomic<bool> installed{false};
+  if (installed.exchange(true)) return;
+  for (int signal_number : kTerminatingSignals) {
+    struct sigaction previous {};
+    if (sigaction(signal_number, nullptr, &previous) != 0) continue;
+    // A signal the parent chose to ignore (nohup, a background job) stays ignored.
+    if (previous.sa_handler == SIG_IGN) continue;
+    struct sigaction action {};
+    action.sa_handler = remove_registered_files_and_reraise;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESETHAND;
+    sigaction(signal_number, &action, nullptr);
+  }
+}
+
+}  // namespace
+
+RemoveOnSignal::RemoveOnSignal(const std::string& path) : slot_(-1) {
+  install_signal_handlers_once();
+  if (path.size() >= kMaxPathBytes) {
+    throw UserError(fmt::format("path '{}...' is longer than {} bytes; choose a shorter output path",
+                                path.substr(0, 64), kMaxPathBytes - 1));
+  }
+  for (int i = 0; i < kRemoveSlots; ++i) {
+    if (remove_slots[i].in_use) continue;
+    std::memcpy(remove_slots[i].path, path.c_str(), path.size() + 1);
+    remove_slots[i].in_use = 1;
+    slot_ = i;
+    return;
+  }
+  throw std::logic_error("duquant: more than 8 files registered for removal on a signal");
+}
+
+RemoveOnSignal::~RemoveOnSignal() {
+  if (slot_ >= 0) remove_slots[slot_].in_use = 0;
+}
+
 namespace {
 
 template <typename Writer>
 void write_atomically(const std::string& path, Writer&& write) {
   check_writable(path);
   const std::string temporary = fmt::format("{}.tmp{}", path, getpid());
+  RemoveOnSignal remove_temporary_on_signal(temporary);
   try {
     write(temporary);
   } catch (...) {

@@ -14,41 +14,33 @@
 namespace duquant {
 namespace {
 
-// Rows of W~ handled at once: bounds the float temporaries of the clip search (a few
-// [rows, K] tensors per ratio) for the 16384-wide layers of the full-size model.
-constexpr int64_t kElementsPerChunk = int64_t{1} << 24;
+// Rows of W~ handled at once: bounds the float temporaries of the clip search (one [rows, K]
+// buffer and the [T, rows] products) for the 16384-wide layers of the full-size model.
+constexpr int64_t kElementsPerChunk = int64_t{1} << 22;
 
-struct GroupQuantization {
-  torch::Tensor levels;  // uint8 [rows, G, group]
-  torch::Tensor scale;   // float32 [rows, G]
-  torch::Tensor zero;    // float32 [rows, G], integer-valued
-};
-
-// Asymmetric quantization of `grouped` [rows, G, group] to 0..max_level with the range
-// [ratio * min, ratio * max]. The range is widened to contain 0 so that the integer zero point
-// lies in [0, max_level]: a group of one sign would otherwise clamp its zero point and lose
-// its whole range (e.g. all-positive weights collapsing onto the top level).
-GroupQuantization quantize_groups(const torch::Tensor& grouped, const torch::Tensor& group_max,
-                                  const torch::Tensor& group_min, double ratio, int64_t max_level) {
+// The asymmetric grid of every group for per-row clipping ratios `ratio` ([rows, 1, 1] or a
+// scalar tensor): levels 0..max_level over [ratio * min, ratio * max]. The range is widened to
+// contain 0 so that the integer zero point lies in [0, max_level]: a group of one sign would
+// otherwise clamp its zero point and lose its whole range (all-positive weights collapsing onto
+// the top level).
+QuantizationGrid grid_for_ratio(const torch::Tensor& group_max, const torch::Tensor& group_min,
+                                const torch::Tensor& ratio, int64_t max_level) {
   const auto upper = (group_max * ratio).clamp_min(0);
   const auto lower = (group_min * ratio).clamp_max(0);
   const auto range = upper - lower;
   // An all-zero group has no range; any positive scale represents it exactly.
   auto scale = torch::where(range > 0, range / static_cast<double>(max_level), torch::ones_like(range));
   auto zero = torch::round(-lower / scale).clamp(0, max_level);
-  auto levels = round_to_grid(grouped, scale.unsqueeze(2), zero.unsqueeze(2), max_level);
-  return {levels.to(torch::kUInt8), scale, zero};
-}
-
-torch::Tensor dequantize_groups(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
-  return grid_values(levels, scale.unsqueeze(2), zero.unsqueeze(2));
+  return {scale, zero};
 }
 
 }  // namespace
 
+// The one rounding formula of the clip search, the final levels, GPTQ and dequantize_weight's
+// inverse (in-place after the division: the clip search runs it on every ratio).
 torch::Tensor round_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
                             int64_t max_level) {
-  return (torch::round(values / scale) + zero).clamp(0, max_level);
+  return values.div(scale).round_().add_(zero).clamp_(0, max_level);
 }
 
 torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero) {
@@ -70,68 +62,75 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
               " does not divide the (padded) in_features ", k);
   const int64_t groups = k / group;
   const int64_t max_level = max_weight_level(options.bits);
+  const auto device = weight.device();
+  const auto float_options = torch::TensorOptions().dtype(torch::kFloat).device(device);
 
   const bool searched = sample.defined() && sample.numel() > 0;
   torch::Tensor activations;
   if (searched) {
     TORCH_CHECK(sample.dim() == 2 && sample.size(1) == k, "duquant: calibration sample of shape ", sample.sizes(),
                 " does not match the weight's ", k, " input features");
-    activations = sample.detach().to(torch::kFloat).contiguous();
+    activations = sample.detach().to(float_options).contiguous();
   }
   const std::vector<double> ratios =
       searched ? options.clip_ratios : std::vector<double>{options.clip_ratios.front()};
 
-  auto full = weight.detach().to(torch::kFloat).contiguous();
+  auto full = weight.detach().to(float_options).contiguous();
   TORCH_CHECK(torch::isfinite(full).all().item<bool>(), "duquant: weight to quantize has non-finite entries");
-  auto levels = torch::empty({rows, groups, group}, torch::kUInt8);
-  auto scale = torch::empty({rows, groups}, torch::kFloat);
-  auto zero = torch::empty({rows, groups}, torch::kFloat);
-  auto chosen_ratio = torch::empty({rows}, torch::kDouble);
-  auto chosen_error = torch::zeros({rows}, torch::kDouble);
+  const auto grouped_all = full.view({rows, groups, group});
+  const auto group_max = grouped_all.amax(2, /*keepdim=*/true);
+  const auto group_min = grouped_all.amin(2, /*keepdim=*/true);
+
+  QuantizedWeight result;
+  // Clip search (DESIGN.md section 4 step 6): for each ratio, the output error of every channel on
+  // the transformed calibration sample, ||X~ (w_n - deq_n)||^2, the error the layer makes rather
+  // than the weight MSE. All groups of a channel share its ratio, chosen on their joint error. On
+  // ties the earlier ratio (the first is the default) is kept.
+  // The ratios are kept in double for the report; the grids use them as float32, exactly as the
+  // search evaluated them.
+  auto chosen_ratio = torch::full({rows}, ratios.front(), float_options.dtype(torch::kDouble));
+  auto chosen_error = torch::zeros({rows}, float_options.dtype(torch::kDouble));
   double reference_energy = 0.0;
-
-  const int64_t chunk_rows = std::max<int64_t>(1, kElementsPerChunk / k);
-  for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
-    const int64_t end = std::min(rows, begin + chunk_rows);
-    const auto chunk = full.slice(0, begin, end);
-    const auto grouped = chunk.view({end - begin, groups, group});
-    const auto group_max = grouped.amax(2);
-    const auto group_min = grouped.amin(2);
-    auto best_levels = levels.slice(0, begin, end);
-    auto best_scale = scale.slice(0, begin, end);
-    auto best_zero = zero.slice(0, begin, end);
-    auto best_ratio = chosen_ratio.slice(0, begin, end);
-    auto best_error = chosen_error.slice(0, begin, end);
-    best_error.fill_(std::numeric_limits<double>::infinity());
-    if (searched) reference_energy += activations.matmul(chunk.t()).to(torch::kDouble).pow(2).sum().item<double>();
-
-    for (double ratio : ratios) {
-      auto candidate = quantize_groups(grouped, group_max, group_min, ratio, max_level);
-      torch::Tensor improved;
-      if (searched) {
-        // Output error of each channel on the sample, ||X (w_n - deq_n)||^2: the error the layer
-        // makes, not the weight MSE (output-error clipping search, DESIGN.md section 4 step 6).
-        // All groups of a channel share its ratio, chosen on their joint output error.
-        auto residual = chunk - dequantize_groups(candidate.levels, candidate.scale, candidate.zero).view({-1, k});
-        auto error = activations.matmul(residual.t()).to(torch::kDouble).pow(2).sum(0);
-        // Strictly smaller only: on ties the earlier ratio (the first is the default) is kept.
-        improved = error < best_error;
+  if (searched) {
+    StageTimer timer(result.times, Stage::ClipSearch);
+    chosen_error.fill_(std::numeric_limits<double>::infinity());
+    const int64_t chunk_rows = std::max<int64_t>(1, kElementsPerChunk / k);
+    for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
+      const int64_t end = std::min(rows, begin + chunk_rows);
+      const auto chunk = grouped_all.slice(0, begin, end);
+      const auto chunk_max = group_max.slice(0, begin, end), chunk_min = group_min.slice(0, begin, end);
+      // X~ W~^T of these channels once: each ratio's error is ||reference - X~ deq^T||^2.
+      const auto reference = activations.matmul(chunk.view({end - begin, k}).t());
+      reference_energy += reference.to(torch::kDouble).pow(2).sum().item<double>();
+      auto best_error = chosen_error.slice(0, begin, end);
+      auto best_ratio = chosen_ratio.slice(0, begin, end);
+      for (double ratio : ratios) {
+        const auto grid = grid_for_ratio(chunk_max, chunk_min, torch::scalar_tensor(ratio, float_options), max_level);
+        const auto dequantized = round_to_grid(chunk, grid.scale, grid.zero, max_level).sub_(grid.zero).mul_(grid.scale);
+        const auto error = (reference - activations.matmul(dequantized.view({end - begin, k}).t()))
+                               .pow_(2)
+                               .sum(0)
+                               .to(torch::kDouble);
+        const auto improved = error < best_error;
         best_error.copy_(torch::where(improved, error, best_error));
-      } else {
-        improved = torch::ones({end - begin}, torch::kBool);
-        best_error.fill_(std::numeric_limits<double>::quiet_NaN());
+        best_ratio.masked_fill_(improved, ratio);
       }
-      best_levels.copy_(torch::where(improved.view({-1, 1, 1}), candidate.levels, best_levels));
-      best_scale.copy_(torch::where(improved.view({-1, 1}), candidate.scale, best_scale));
-      best_zero.copy_(torch::where(improved.view({-1, 1}), candidate.zero, best_zero));
-      best_ratio.masked_fill_(improved, ratio);
     }
   }
 
-  QuantizedWeight result;
-  result.packed = ops::pack_int4(levels.view({rows, k}));
-  result.scale = scale;
-  result.zero = zero;
+  torch::Tensor levels;
+  {
+    StageTimer timer(result.times, Stage::Rounding);
+    const auto grid =
+        grid_for_ratio(group_max, group_min, chosen_ratio.to(torch::kFloat).view({rows, 1, 1}), max_level);
+    levels = round_to_grid(grouped_all, grid.scale, grid.zero, max_level).to(torch::kUInt8).view({rows, k});
+    result.scale = grid.scale.view({rows, groups});
+    result.zero = grid.zero.view({rows, groups});
+  }
+  {
+    StageTimer timer(result.times, Stage::Packing);
+    result.packed = ops::pack_int4(levels.cpu());
+  }
   result.group_size = options.group_size > 0 ? options.group_size : -1;
   result.mean_clip_ratio = rows > 0 ? chosen_ratio.mean().item<double>() : options.clip_ratios.front();
   if (!searched) {
@@ -144,19 +143,20 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
                                    : error_energy == 0.0 ? 0.0
                                                          : std::numeric_limits<double>::infinity();
   }
+  result.packed = result.packed.to(device);
   return result;
 }
 
 torch::Tensor dequantize_weight(const QuantizedWeight& weight) {
   TORCH_CHECK(weight.packed.defined() && weight.scale.defined() && weight.zero.defined(),
               "duquant: dequantize_weight of an empty QuantizedWeight");
-  const auto levels = ops::unpack_int4(weight.packed);
+  const auto levels = ops::unpack_int4(weight.packed.cpu());
   const int64_t rows = levels.size(0), k = levels.size(1), groups = weight.scale.size(1);
   TORCH_CHECK(weight.scale.size(0) == rows && groups > 0 && k % groups == 0 && weight.zero.sizes() == weight.scale.sizes(),
               "duquant: scale ", weight.scale.sizes(), " / zero ", weight.zero.sizes(), " do not fit a packed [",
               rows, ", ", k, "] weight");
-  return dequantize_groups(levels.view({rows, groups, k / groups}), weight.scale.to(torch::kFloat),
-                           weight.zero.to(torch::kFloat))
+  return grid_values(levels.view({rows, groups, k / groups}), weight.scale.cpu().to(torch::kFloat).unsqueeze(2),
+                     weight.zero.cpu().to(torch::kFloat).unsqueeze(2))
       .view({rows, k});
 }
 

@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -15,12 +14,6 @@
 
 namespace duquant {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 // FNV-1a: a per-layer seed that is the same on every platform (std::hash is not specified).
 uint64_t path_seed(uint64_t seed, const std::string& path) {
@@ -60,7 +53,7 @@ SampleSplit split_sample(const torch::Tensor& sample) {
   const auto rows = sample.to(torch::kFloat);
   const int64_t count = rows.size(0);
   if (count < kHeldOutEvery) return {rows, rows.slice(0, 0, 0)};
-  const auto index = torch::arange(count, torch::kLong);
+  const auto index = torch::arange(count, torch::TensorOptions().dtype(torch::kLong).device(rows.device()));
   const auto held_out = (index % kHeldOutEvery) == (kHeldOutEvery - 1);
   return {rows.index({~held_out}), rows.index({held_out})};
 }
@@ -74,30 +67,38 @@ torch::Tensor uniform_rows(const torch::Tensor& rows, int64_t limit) {
   return rows.slice(0, 0, count, stride);
 }
 
-// ||X deq^T - X W^T|| / ||X W^T|| with `reference` = X W^T; NaN without rows.
-double weight_output_error(const torch::Tensor& rows, const torch::Tensor& reference, const torch::Tensor& dequantized) {
-  if (!rows.defined() || rows.size(0) == 0) return std::numeric_limits<double>::quiet_NaN();
-  return relative_error(rows.matmul(dequantized.t()), reference);
-}
+// ||X (W - deq)^T|| / ||X W^T|| on fixed rows X for several dequantized weights, X W^T computed
+// once; NaN without rows.
+class OutputErrorProbe {
+ public:
+  OutputErrorProbe(const torch::Tensor& rows, const torch::Tensor& weight) : rows_(rows) {
+    if (rows_.defined() && rows_.size(0) > 0) reference_ = rows_.matmul(weight.t());
+  }
+  double operator()(const torch::Tensor& dequantized) const {
+    if (!reference_.defined()) return std::numeric_limits<double>::quiet_NaN();
+    return relative_error(rows_.matmul(dequantized.t()), reference_);
+  }
 
-torch::Tensor outputs_of(const torch::Tensor& rows, const torch::Tensor& weight) {
-  return rows.defined() && rows.size(0) > 0 ? rows.matmul(weight.t()) : torch::Tensor();
-}
+ private:
+  torch::Tensor rows_, reference_;
+};
 
 }  // namespace
 
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
-                              const LayerCallback& on_layer) {
+                              const LayerCallback& on_layer, const PipelineOptions& pipeline) {
   std::vector<Observation> observations;
   if (calibration) observations.push_back({"", *calibration});
-  return quantize_model(model, decisions, recipe, observations, on_layer);
+  return quantize_model(model, decisions, recipe, observations, on_layer, {}, pipeline);
 }
 
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const std::vector<Observation>& observations,
-                              const LayerCallback& on_layer, const ObservationCallback& on_observation) {
+                              const LayerCallback& on_layer, const ObservationCallback& on_observation,
+                              const PipelineOptions& pipeline) {
   torch::NoGradGuard no_grad;
+  const auto device = pipeline.device;
   const bool calibration = !observations.empty();
   std::vector<std::string> targets;
   for (const auto& decision : decisions) {
@@ -129,27 +130,26 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   // Data-free: no rows to build a Hessian from, so nearest rounding.
   const bool gptq = calibration && recipe.weight_rounding == WeightRounding::Gptq;
   result.observed_row_limit = calibration ? recipe.observed_rows() : recipe.calibration_rows;
-  const auto calibration_start = Clock::now();
   std::map<std::string, LayerStatistics> statistics;
   std::vector<std::vector<std::string>> groups;
   TransformOptions transform_options = recipe.transform;
   WeightQuantOptions weight_options = recipe.weights;
   if (calibration) {
-    statistics = calibrate(model, targets, observations, result.observed_row_limit, on_observation);
+    StageTimer timer(result.stages, Stage::Calibration);
+    statistics = calibrate(model, targets, observations, result.observed_row_limit, on_observation, device);
     groups = shared_input_groups(targets, statistics);
   } else {
     transform_options.alpha = 1.0;
     weight_options.clip_ratios.resize(1);
     for (const auto& path : targets) {
       const int64_t in_features = linears.at(path).attr("weight").toTensor().size(1);
-      statistics.emplace(path, synthetic_statistics(in_features, recipe.calibration_rows,
-                                                    path_seed(recipe.transform.seed, path)));
+      auto stats = synthetic_statistics(in_features, recipe.calibration_rows, path_seed(recipe.transform.seed, path));
+      stats.absmax = stats.absmax.to(device);
+      stats.sample = stats.sample.to(device);
+      statistics.emplace(path, std::move(stats));
       groups.push_back({path});
     }
   }
-  result.calibration_seconds = seconds_since(calibration_start);
-
-  const auto transform_start = Clock::now();
   W4A8LinearClass w4a8_class(model._ivalue()->compilation_unit());
   std::map<std::string, torch::jit::Module> replacements;
   size_t done = 0;
@@ -161,10 +161,13 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     const auto split = calibration ? split_sample(stats.sample) : SampleSplit{stats.sample.to(torch::kFloat), {}};
     const auto search_rows = uniform_rows(split.fit, recipe.calibration_rows);
     std::vector<torch::Tensor> weights;
-    for (const auto& path : group) weights.push_back(linears.at(path).attr("weight").toTensor().to(torch::kFloat));
+    for (const auto& path : group) {
+      weights.push_back(linears.at(path).attr("weight").toTensor().to(device, torch::kFloat));
+    }
     TransformOptions options = transform_options;
     options.seed = path_seed(recipe.transform.seed, group.front());
     const LayerTransform transform = compute_transform(stats.absmax, search_rows, weights, options);
+    result.stages += transform.times;
     for (const auto& tensor : {transform.smooth_inv, transform.rotation1, transform.permutation, transform.rotation2}) {
       if (tensor.defined()) result.w4a8_bytes += tensor.nbytes();
     }
@@ -179,6 +182,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     torch::Tensor transformed_gptq;
     GptqFactor factor;
     if (gptq) {
+      StageTimer timer(result.stages, Stage::Rounding);
       transformed_gptq = online(uniform_rows(split.fit, recipe.gptq_rows));
       factor = gptq_factor(transformed_gptq, recipe.gptq);
     }
@@ -188,12 +192,21 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       const auto& linear = linears.at(path);
       WeightQuantOptions layer_weights = weight_options;
       layer_weights.bits = recipe.weight_bits(path);
-      const auto transformed_weight = transform_weight(weights[i], transform);
+      torch::Tensor transformed_weight;
+      {
+        StageTimer timer(result.stages, Stage::WeightTransform);
+        transformed_weight = transform_weight(weights[i], transform);
+      }
       const auto nearest =
           quantize_weight(transformed_weight, calibration ? transformed_search : torch::Tensor(), layer_weights);
-      const auto quantized = gptq ? gptq_round(transformed_weight, nearest, layer_weights.bits, factor, recipe.gptq)
-                                  : nearest;
+      result.stages += nearest.times;
+      QuantizedWeight quantized = nearest;
+      if (gptq) {
+        StageTimer timer(result.stages, Stage::Rounding);
+        quantized = gptq_round(transformed_weight, nearest, layer_weights.bits, factor, recipe.gptq);
+      }
       const auto bias = linear_bias(linear);
+      const auto bias_float = bias.defined() ? bias.to(device, torch::kFloat) : torch::Tensor();
 
       W4A8LinearState state;
       state.smooth_inv = transform.smooth_inv;
@@ -203,7 +216,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       state.packed_weight = quantized.packed;
       state.weight_scale = quantized.scale;
       state.weight_zero = quantized.zero;
-      state.bias = bias.defined() ? bias.to(torch::kFloat) : torch::Tensor();
+      state.bias = bias_float;
       state.in_features = weights[i].size(1);
       state.out_features = weights[i].size(0);
       state.group_size = quantized.group_size;
@@ -223,14 +236,22 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.peak_to_mean_before = transform.peak_to_mean_before;
       report.peak_to_mean_after = transform.peak_to_mean_after;
       report.weight_rounding = weight_rounding_name(gptq ? WeightRounding::Gptq : WeightRounding::Nearest);
-      const auto dequantized = dequantize_weight(quantized);
-      const auto nearest_dequantized = gptq ? dequantize_weight(nearest) : dequantized;
-      const auto held_out_reference = outputs_of(transformed_held_out, transformed_weight);
-      report.weight_output_error = weight_output_error(transformed_held_out, held_out_reference, dequantized);
-      report.nearest_output_error = weight_output_error(transformed_held_out, held_out_reference, nearest_dequantized);
-      const auto fit_reference = outputs_of(transformed_gptq, transformed_weight);
-      report.fit_output_error = weight_output_error(transformed_gptq, fit_reference, dequantized);
-      report.nearest_fit_output_error = weight_output_error(transformed_gptq, fit_reference, nearest_dequantized);
+      {
+        StageTimer timer(result.stages, Stage::LayerCheck);
+        const auto dequantized = dequantize_weight(quantized).to(device);
+        const OutputErrorProbe held_out_error(transformed_held_out, transformed_weight);
+        report.weight_output_error = held_out_error(dequantized);
+        const OutputErrorProbe fit_error(transformed_gptq, transformed_weight);
+        report.fit_output_error = fit_error(dequantized);
+        if (gptq) {
+          const auto nearest_dequantized = dequantize_weight(nearest).to(device);
+          report.nearest_output_error = held_out_error(nearest_dequantized);
+          report.nearest_fit_output_error = fit_error(nearest_dequantized);
+        } else {
+          report.nearest_output_error = report.weight_output_error;
+          report.nearest_fit_output_error = report.fit_output_error;
+        }
+      }
       report.gptq_dampening = gptq ? factor.dampening : 0.0;
       report.mean_clip_ratio = quantized.mean_clip_ratio;
       report.calibration_rows = search_rows.size(0);
@@ -239,17 +260,22 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.calibration_tokens = stats.tokens;
       report.layer_output_error = std::numeric_limits<double>::quiet_NaN();
       if (report.heldout_rows > 0) {
+        StageTimer timer(result.stages, Stage::LayerCheck);
         // The deployed operator on held-out rows against the float layer.
-        const auto exact =
-            torch::linear(split.held_out, weights[i], state.bias.defined() ? state.bias : torch::Tensor());
+        const auto exact = torch::linear(split.held_out, weights[i], bias_float);
         report.layer_output_error = relative_error(state.forward(split.held_out), exact);
       }
       result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;
       result.w4a8_bytes += state.packed_weight.nbytes() + state.weight_scale.nbytes() + state.weight_zero.nbytes() +
                            (state.bias.defined() ? state.bias.nbytes() : 0);
-      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state));
+      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state.to(torch::kCPU)));
       result.layers.push_back(report);
       if (on_layer) on_layer(report, ++done, targets.size());
+    }
+    // An empty tensor in the slot frees the weight; nothing reads it again (the target is
+    // replaced, and check_targets_replaceable proved that only its forward used it).
+    if (pipeline.release_original_weights) {
+      for (const auto& path : group) linears.at(path).setattr("weight", torch::empty({0}));
     }
   }
   // Report in model order (groups can interleave when a parent holds several groups).
@@ -257,8 +283,10 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   for (size_t i = 0; i < targets.size(); ++i) order[targets[i]] = i;
   std::sort(result.layers.begin(), result.layers.end(),
             [&](const LayerReport& a, const LayerReport& b) { return order.at(a.path) < order.at(b.path); });
-  result.model = replace_submodules(model, replacements);
-  result.transform_seconds = seconds_since(transform_start);
+  {
+    StageTimer timer(result.stages, Stage::Swap);
+    result.model = replace_submodules(model, replacements);
+  }
   return result;
 }
 

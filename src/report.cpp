@@ -70,6 +70,19 @@ void print_component_table(const std::vector<LinearDecision>& decisions, std::os
   fmt::print(out, "[DUQUANT] {:<18} {:>8} {:>8}\n", "TOTAL", all_linear, all_targets);
 }
 
+void print_stage_table(const StageTimes& stages, double wall_seconds, std::ostream& out) {
+  const double share = wall_seconds > 0 ? 100.0 / wall_seconds : 0.0;
+  for (size_t i = 0; i < kStageCount; ++i) {
+    const double seconds = stages.seconds[i];
+    fmt::print(out, "[DUQUANT] stage {:<17} {:>8.2f} s {:>5.1f} %\n", stage_name(static_cast<Stage>(i)), seconds,
+               seconds * share);
+  }
+  const double rest = wall_seconds - stages.total();
+  fmt::print(out, "[DUQUANT] stage {:<17} {:>8.2f} s {:>5.1f} %\n", "other", rest, rest * share);
+  fmt::print(out, "[DUQUANT] total {:.1f} s, peak RSS {:.2f} GiB\n", wall_seconds,
+             peak_resident_bytes() / 1073741824.0);
+}
+
 std::string replaced_line(const LayerReport& layer) {
   std::string line = fmt::format("[DUQUANT][REPLACED] {}: Linear({}->{}) -> DuQuantLinear {}", layer.path,
                                  layer.in_features, layer.out_features, layer.handling);
@@ -115,12 +128,14 @@ nlohmann::json quantize_report_json(const Config& config, const QuantizeResult& 
   json["output"] = output_path;
   json["data_free"] = result.data_free;
   json["calibration_row_limit"] = result.calibration_row_limit;
+  for (size_t i = 0; i < kStageCount; ++i) {
+    json["stages"][stage_name(static_cast<Stage>(i))] = result.stages.seconds[i];
+  }
+  json["peak_rss_bytes"] = peak_resident_bytes();
   json["observed_row_limit"] = result.observed_row_limit;
   json["calibration_observations"] = result.observations;
   // Errors are measured on every 8th sampled row, held out from all fitting.
   json["error_rows"] = "held-out calibration rows (every 8th sampled row)";
-  json["calibration_seconds"] = result.calibration_seconds;
-  json["transform_seconds"] = result.transform_seconds;
   json["target_memory"] = {{"bf16_bytes", result.bf16_bytes}, {"w4a8_bytes", result.w4a8_bytes},
                            {"ratio", static_cast<double>(result.bf16_bytes) / std::max<int64_t>(result.w4a8_bytes, 1)}};
   for (const auto& s : config.settings()) json["config"][s.key] = {{"value", s.value}, {"source", s.source}};

@@ -4,6 +4,7 @@
 #include "duquant/select.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <regex>
@@ -88,6 +89,28 @@ torch::Tensor linear_bias(const torch::jit::Module& linear) {
 
 bool is_quantized_linear(const torch::jit::Module& module) {
   return unmangled_type_name(module) == kQuantizedLinearTypeName;
+}
+
+void detect_scope(Config& config, const torch::jit::Module& model) {
+  if (!config.is_default("scope")) return;
+  const std::string anchor = std::string(kScopeAnchor) + ".";
+  std::set<std::string> prefixes;
+  for (const auto& item : model.named_modules()) {
+    // The first whole path component equal to the anchor ends the prefix.
+    const std::string path = "." + item.name + ".";
+    const auto position = path.find("." + anchor);
+    if (position != std::string::npos) prefixes.insert(path.substr(1, position + anchor.size()));
+  }
+  if (prefixes.empty()) return;
+  if (prefixes.size() > 1) {
+    std::vector<std::string> quoted;
+    for (const auto& prefix : prefixes) quoted.push_back("'" + prefix + "'");
+    throw UserError(fmt::format("cannot detect the scope: {} module-path prefixes end in '{}' ({}); choose one with "
+                                "--scope or OPENPI_DUQUANT_SCOPE",
+                                prefixes.size(), anchor, fmt::join(quoted, ", ")),
+                    ExitCode::Usage);
+  }
+  config.apply_detected("scope", *prefixes.begin());
 }
 
 std::vector<LinearDecision> select_linears(const torch::jit::Module& model, const SelectionRules& rules) {

@@ -261,17 +261,29 @@ constexpr const char* kW4A8LinearForward =
     "        self.packed_weight, self.weight_scale, self.weight_zero, self.bias, self.in_features,\n"
     "        self.group_size, self.act_bits, self.act_clip)\n";
 
-torch::Tensor or_empty(const torch::Tensor& tensor, torch::ScalarType dtype) {
-  return tensor.defined() ? tensor : torch::empty({0}, dtype);
+// Empty tensors stand for skipped steps; they live on the layer's device like the rest.
+torch::Tensor or_empty(const torch::Tensor& tensor, torch::ScalarType dtype,
+                       const torch::Device& device = torch::kCPU) {
+  return tensor.defined() ? tensor : torch::empty({0}, torch::TensorOptions().dtype(dtype).device(device));
 }
 
 }  // namespace
 
 torch::Tensor W4A8LinearState::forward(const torch::Tensor& x) const {
-  return ops::w4a8_linear(x, or_empty(smooth_inv, torch::kFloat), or_empty(rotation1, torch::kFloat),
-                          or_empty(permutation, torch::kLong), or_empty(rotation2, torch::kFloat), packed_weight,
-                          weight_scale, weight_zero, or_empty(bias, torch::kFloat), in_features, group_size, act_bits,
-                          act_clip);
+  const auto device = packed_weight.device();
+  return ops::w4a8_linear(x, or_empty(smooth_inv, torch::kFloat, device), or_empty(rotation1, torch::kFloat, device),
+                          or_empty(permutation, torch::kLong, device), or_empty(rotation2, torch::kFloat, device),
+                          packed_weight, weight_scale, weight_zero, or_empty(bias, torch::kFloat, device), in_features,
+                          group_size, act_bits, act_clip);
+}
+
+W4A8LinearState W4A8LinearState::to(const torch::Device& device) const {
+  W4A8LinearState moved = *this;
+  for (auto* tensor : {&moved.smooth_inv, &moved.rotation1, &moved.permutation, &moved.rotation2, &moved.packed_weight,
+                       &moved.weight_scale, &moved.weight_zero, &moved.bias}) {
+    if (tensor->defined()) *tensor = tensor->to(device);
+  }
+  return moved;
 }
 
 W4A8LinearClass::W4A8LinearClass(std::shared_ptr<torch::jit::CompilationUnit> unit)

@@ -12,11 +12,10 @@
 #include "duquant/transform.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <utility>
@@ -51,43 +50,14 @@ torch::Tensor swap_zero_with(int64_t block_size, int64_t d) {
   return index;
 }
 
-// Largest |entry| of a contiguous, finite float32 [rows, b] tensor and its column; the greedy
-// loop calls this once per step, so it must cost far less than the step's GEMM. For finite
-// floats, |x| ordered as a float and the bit pattern with the sign cleared ordered as an
-// unsigned integer agree, and an unsigned max reduction vectorises without fast-math: a
-// read-only pass finds each chunk's maximum, then the first chunk holding the overall maximum
-// is scanned for its first occurrence. Ties thus go to the lowest flat index whatever the thread
-// count, which keeps the greedy path deterministic.
+// Largest |entry| of a [rows, b] tensor and its column, on the tensor's device. Ties go to the
+// lowest flat index (torch::argmax returns the first maximal element), which keeps the greedy
+// path deterministic whatever the thread count.
 double peak_entry(const torch::Tensor& blocks, int64_t& column) {
-  const float* data = blocks.data_ptr<float>();
-  const int64_t total = blocks.numel();
-  constexpr uint32_t kMagnitudeMask = 0x7fffffffu;
-  auto magnitude_bits = [&](int64_t i) {
-    uint32_t bits;
-    std::memcpy(&bits, data + i, sizeof(bits));
-    return bits & kMagnitudeMask;
-  };
-  constexpr int64_t kChunk = int64_t{1} << 16;
-  std::vector<uint32_t> chunk_max(static_cast<size_t>((total + kChunk - 1) / kChunk), 0);
-  at::parallel_for(0, static_cast<int64_t>(chunk_max.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      uint32_t largest = 0;
-      const int64_t stop = std::min(total, (chunk + 1) * kChunk);
-      for (int64_t i = chunk * kChunk; i < stop; ++i) {
-        const uint32_t bits = magnitude_bits(i);
-        largest = bits > largest ? bits : largest;
-      }
-      chunk_max[static_cast<size_t>(chunk)] = largest;
-    }
-  });
-  const auto winner = std::max_element(chunk_max.begin(), chunk_max.end());  // first of equals
-  const uint32_t peak_bits = *winner;
-  int64_t index = (winner - chunk_max.begin()) * kChunk;
-  while (magnitude_bits(index) != peak_bits) ++index;
+  const auto magnitudes = blocks.abs().view(-1);
+  const int64_t index = magnitudes.argmax().item<int64_t>();
   column = index % blocks.size(1);
-  float peak;
-  std::memcpy(&peak, &peak_bits, sizeof(peak));
-  return peak;
+  return magnitudes[index].item<double>();
 }
 
 // max_j max_t |x_tj| / mean_j max_t |x_tj| over the columns of a [T, C] sample.
@@ -105,7 +75,7 @@ torch::Tensor shared_weight_absmax(const std::vector<torch::Tensor>& weights, in
   for (const auto& weight : weights) {
     TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, "duquant: weight of shape ", weight.sizes(),
                 " does not take ", in_features, " input features");
-    auto column_absmax = weight.detach().to(torch::kCPU, torch::kFloat).abs().amax(0);
+    auto column_absmax = weight.detach().to(torch::kFloat).abs().amax(0);
     absmax = absmax.defined() ? torch::maximum(absmax, column_absmax) : column_absmax;
   }
   return absmax;
@@ -135,8 +105,8 @@ std::string method_name(Method method) {
 torch::Tensor smoothing_scales(const torch::Tensor& activation_absmax, const torch::Tensor& weight_absmax,
                                double alpha) {
   TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "duquant: smoothing alpha must lie in [0, 1], got ", alpha);
-  auto act = activation_absmax.detach().to(torch::kCPU, torch::kDouble).flatten();
-  auto wgt = weight_absmax.detach().to(torch::kCPU, torch::kDouble).flatten();
+  auto act = activation_absmax.detach().to(torch::kDouble).flatten();
+  auto wgt = weight_absmax.detach().to(act.device(), torch::kDouble).flatten();
   TORCH_CHECK(act.numel() == wgt.numel(), "duquant: smoothing needs one activation and one weight maximum per channel (",
               act.numel(), " vs ", wgt.numel(), ")");
   // SmoothQuant / DuQuant section 3.1 migration: s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha),
@@ -147,7 +117,7 @@ torch::Tensor smoothing_scales(const torch::Tensor& activation_absmax, const tor
   // dividing a later non-zero activation by 1e-5 or by infinity.
   auto degenerate = (act <= 0) | (wgt <= 0) | scales.isinf() | scales.isnan();
   scales = torch::where(degenerate, torch::ones_like(scales), scales);
-  return scales.to(torch::kFloat);
+  return scales.to(activation_absmax.device(), torch::kFloat);
 }
 
 torch::Tensor base_rotation(int64_t block_size, uint64_t seed) {
@@ -193,8 +163,9 @@ torch::Tensor base_rotation(int64_t block_size, uint64_t seed) {
 GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed) {
   TORCH_CHECK(blocks.dim() == 2, "duquant: greedy rotation expects [rows, block] blocks, got ", blocks.sizes());
   const int64_t b = blocks.size(1);
+  const auto device = blocks.device();
   GreedyRotation result;
-  result.rotation = torch::eye(b, torch::kDouble);
+  result.rotation = torch::eye(b, torch::TensorOptions().dtype(torch::kDouble).device(device));
   if (blocks.size(0) == 0 || max_steps <= 0 || b < 2) return result;
 
   // Only rows that can hold the peak are rotated. A rotation keeps every row's norm, an entry
@@ -202,21 +173,23 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   // row whose norm is below that bound can never be the peak nor decide the outlier column, at
   // any step. Dropping it changes nothing but the cost, which on outlier-heavy activations falls
   // from every block of every token to the few blocks that carry the outliers.
-  auto rows = blocks.detach().to(torch::kCPU, torch::kFloat);
+  auto rows = blocks.detach().to(torch::kFloat);
   TORCH_CHECK(torch::isfinite(rows).all().item<bool>(), "duquant: activation blocks have non-finite entries");
   const auto row_norms = rows.norm(2, 1);
   const double norm_bound = row_norms.max().item<double>() / std::sqrt(static_cast<double>(b));
   // The margin covers the rounding of the float32 norms; keeping a few extra rows is harmless.
   const auto candidates = torch::nonzero(row_norms >= norm_bound * (1.0 - 1e-4)).flatten();
 
-  const auto base = base_rotation(b, seed);
+  // R~ is drawn on the CPU (seeded generator, QR) whatever the device, so every device learns
+  // from the same base rotation.
+  const auto base = base_rotation(b, seed).to(device);
   const auto base_float = base.to(torch::kFloat);
   // The working copy of the blocks is float32 (one GEMM per step is the whole cost); only the
   // peak and the outlier position are read from it. The rotation itself is accumulated in
   // float64 so the kept product stays orthogonal however many steps are chained.
   auto current = rows.index_select(0, candidates).contiguous();
   auto next = torch::empty_like(current);
-  auto accumulated = torch::eye(b, torch::kDouble);
+  auto accumulated = result.rotation.clone();
 
   int64_t outlier_column = 0;
   double best_peak = peak_entry(current, outlier_column);
@@ -224,7 +197,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
     // R_k = E_d R~ E_d: R~'s uniform first row moved to the outlier channel d, so the largest
     // entry is spread over its whole block (section 3.1; the reference code wrongly takes the
     // row index of the largest entry here).
-    const auto exchange = swap_zero_with(b, outlier_column);
+    const auto exchange = swap_zero_with(b, outlier_column).to(device);
     at::matmul_out(next, current, base_float.index_select(0, exchange).index_select(1, exchange));
     std::swap(current, next);
     accumulated = accumulated.matmul(base.index_select(0, exchange).index_select(1, exchange));
@@ -267,7 +240,9 @@ torch::Tensor ZigzagPermutation::compute(const torch::Tensor& channel_absmax, in
 
 LayerTransform compute_transform(const torch::Tensor& activation_absmax, const torch::Tensor& activation_sample,
                                  const std::vector<torch::Tensor>& weights, const TransformOptions& options) {
-  const auto absmax = activation_absmax.detach().to(torch::kCPU, torch::kFloat).flatten();
+  // Everything is computed on the device of the statistics (the calibration device).
+  const auto absmax = activation_absmax.detach().to(torch::kFloat).flatten();
+  const auto device = absmax.device();
   const int64_t in_features = absmax.numel();
   TORCH_CHECK(in_features > 0, "duquant: empty activation statistics");
   // Any leading (batch, sequence) dimensions are tokens: work on [T, C].
@@ -275,7 +250,7 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
   if (activation_sample.defined() && activation_sample.numel() > 0) {
     TORCH_CHECK(activation_sample.size(-1) == in_features, "duquant: activation sample has ",
                 activation_sample.size(-1), " channels, statistics have ", in_features);
-    sample = activation_sample.detach().reshape({-1, in_features}).to(torch::kCPU, torch::kFloat);
+    sample = activation_sample.detach().reshape({-1, in_features}).to(device, torch::kFloat);
   }
 
   LayerTransform transform;
@@ -283,6 +258,8 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
   transform.padded_in_features = layout::padded_in_features(in_features, 0);
   transform.peak_to_mean_before = peak_to_mean(sample);
 
+  // Everything but the permutation counts as rotation search (smoothing included).
+  const auto start = std::chrono::steady_clock::now();
   if (options.method != Method::Rtn) {
     const auto scales = smoothing_scales(absmax, shared_weight_absmax(weights, in_features), options.alpha);
     transform.smooth = scales;
@@ -314,8 +291,10 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
       // image through R1 is the bound sum_i a_i |R1_ij|, inflated by ~sqrt(b) and ranking channels
       // by block mass rather than by peak). The calibration-wide absmax still enters through the
       // smoothing, where a per-channel statistic is exact.
-      transform.permutation = ZigzagPermutation::compute(rotated.abs().amax(0), b);
+      StageTimer permutation_timer(transform.times, Stage::Permutation);
+      transform.permutation = ZigzagPermutation::compute(rotated.abs().amax(0), b).to(device);
       rotated = rotated.index_select(1, transform.permutation);
+
     }
 
     auto second = greedy_block_rotation(rotated.view({-1, b}), options.rotation_steps,
@@ -335,6 +314,9 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
   } else {
     transform.peak_to_mean_after = std::numeric_limits<double>::quiet_NaN();
   }
+  transform.times[Stage::RotationSearch] =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() -
+      transform.times[Stage::Permutation];
   return transform;
 }
 
@@ -345,7 +327,7 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
 torch::Tensor transform_weight(const torch::Tensor& weight, const LayerTransform& transform) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == transform.in_features, "duquant: weight of shape ",
               weight.sizes(), " does not match a transform of ", transform.in_features, " input features");
-  auto scaled = weight.detach().to(torch::kCPU, torch::kFloat);
+  auto scaled = weight.detach().to(torch::kFloat);
   if (transform.smooth.defined() && transform.smooth.numel() > 0) {
     scaled = scaled * transform.smooth.to(torch::kFloat);
   }

@@ -1,6 +1,9 @@
 // The command line as a user's shell script sees it: the fork's log lines, exit codes, and a
 // one-line error naming problem and fix for every bad input, with no partial output left behind.
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <regex>
@@ -135,9 +138,157 @@ TEST(Cli, QuantizeWritesForkLinesModelAndReport) {
   ASSERT_TRUE(report) << "no report next to the model";
   const std::string json((std::istreambuf_iterator<char>(report)), std::istreambuf_iterator<char>());
   for (const auto* key : {"\"layers_replaced\": 4", "\"rotation1_steps\"", "\"activation_peak_to_mean_before\"",
-                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\""}) {
+                          "\"weight_quantization_error\"", "\"target_memory\"", "\"calibration_rows\"",
+                          "\"peak_rss_bytes\""}) {
     EXPECT_NE(json.find(key), std::string::npos) << key;
   }
+  // The per-stage table, on stdout and in the report, covers the whole run from load to save.
+  for (const auto* stage : {"load", "calibration", "rotation search", "permutation", "weight transform",
+                            "clip search", "rounding", "packing", "layer check", "swap", "save"}) {
+    EXPECT_TRUE(std::regex_search(result.output, std::regex("\\[DUQUANT\\] stage " + std::string(stage) +
+                                                             " +[0-9.]+ s")))
+        << stage;
+    EXPECT_NE(json.find("\"" + std::string(stage) + "\": "), std::string::npos) << stage;
+  }
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] total [0-9.]+ s, peak RSS [0-9.]+ GiB)")));
+}
+
+// `run`: the device and graph flags refuse what cannot work in one line; --repeat reports the
+// first call and the steady state separately.
+TEST(Cli, RunRefusesBadDeviceGraphAndRepeatFlags) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto inputs = " --inputs " + fixture("pi0_tiny.inputs.pt");
+  expect_one_line_error(run_cli("run " + model + inputs + " --device tpu"), 2, "use auto, cpu or cuda");
+  expect_one_line_error(run_cli("run " + model + inputs + " --device cpu --cuda-graph"), 2,
+                        "--cuda-graph needs --device cuda");
+  expect_one_line_error(run_cli("run " + model + inputs + " --repeat 0"), 2, "--repeat: Value 0 not in range 1 to");
+}
+
+TEST(Cli, RunCudaGraphWithoutAGpuIsRefused) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present";
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  expect_one_line_error(run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --cuda-graph"), 1,
+                        "--cuda-graph needs a CUDA device and none is available");
+}
+
+TEST(Cli, RunRepeatReportsFirstCallAndMedianOfTheRest) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto result = run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --repeat 2");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  // --device auto: the CPU here, CUDA on a GPU machine.
+  EXPECT_TRUE(std::regex_search(result.output, std::regex(R"(\[DUQUANT\] ran \S+ on (cpu|cuda): output )")))
+      << result.output;
+  EXPECT_TRUE(std::regex_search(
+      result.output, std::regex(R"(\[DUQUANT\] 2 calls: first [0-9.]+ ms, then median [0-9.]+ ms \(min [0-9.]+, max [0-9.]+\) over 1 call\n)")))
+      << result.output;
+}
+
+// duquant_bench (next to the CLI in the build directory): the end-to-end comparison needs all three
+// files and a GPU; without one it is refused in one line, while the operator table alone skips.
+TEST(Cli, BenchEndToEndNeedsItsThreeFilesAndAGpu) {
+  auto run_bench = [](const std::string& arguments) { return testing::run_program(testing::bench_program(), arguments); };
+  const auto partial = run_bench("--model a.pt --inputs b.pt");
+  EXPECT_EQ(partial.exit_code, 2) << partial.output;
+  EXPECT_EQ(partial.output, "duquant_bench: error: --model, --quantized and --inputs go together\n");
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is present";
+  const auto end_to_end = run_bench("--model a.pt --quantized b.pt --inputs c.pt");
+  EXPECT_EQ(end_to_end.exit_code, 1) << end_to_end.output;
+  EXPECT_EQ(end_to_end.output, "duquant_bench: error: the end-to-end benchmark needs a CUDA device and none is available\n");
+  const auto operator_table = run_bench("--tokens 1");
+  EXPECT_EQ(operator_table.exit_code, 0) << operator_table.output;
+  EXPECT_EQ(operator_table.output, "no CUDA device: benchmark skipped\n");
+}
+
+// The original is never replaced. Each refusal comes before any work: the model here is not even
+// TorchScript, so an error about loading it would mean the check came too late.
+class OverwriteRefusal : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir = testing::temporary_directory("overwrite");
+    model = dir + "/model.pt";
+    std::ofstream(model) << "the user's original model\n";
+  }
+  std::string model_bytes() const {
+    std::ifstream in(model, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  void expect_refused(const std::string& arguments, const std::string& mention) {
+    expect_one_line_error(run_cli("quantize " + model + " " + arguments + " --calib " + dir + "/calib.pt"), 2, mention);
+    EXPECT_EQ(model_bytes(), "the user's original model\n");
+  }
+  std::string dir, model;
+};
+
+TEST_F(OverwriteRefusal, OutputThatIsTheInputPath) { expect_refused("-o " + model, "is the input model"); }
+
+TEST_F(OverwriteRefusal, OutputThatIsASymbolicLinkToTheInput) {
+  ASSERT_EQ(symlink(model.c_str(), (dir + "/link.pt").c_str()), 0);
+  expect_refused("-o " + dir + "/link.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, OutputThatIsAHardLinkToTheInput) {
+  ASSERT_EQ(link(model.c_str(), (dir + "/hard.pt").c_str()), 0);
+  expect_refused("-o " + dir + "/hard.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, OutputThroughAnotherSpellingOfThePath) {
+  expect_refused("-o " + dir + "/./model.pt", "is the input model");
+}
+
+TEST_F(OverwriteRefusal, ReportPathThatIsTheInput) {
+  expect_refused("-o " + dir + "/q.pt --report " + model, "the report");
+  EXPECT_FALSE(testing::file_exists(dir + "/q.pt"));
+}
+
+TEST_F(OverwriteRefusal, ReportPathThatIsTheOutput) {
+  expect_refused("-o " + dir + "/q.pt --report " + dir + "/q.pt", "is the output model");
+}
+
+// An ambiguous scope is a one-line usage error naming both candidates.
+TEST(Cli, AmbiguousScopeDetectionIsAOneLineError) {
+  const auto dir = testing::temporary_directory("ambiguous");
+  auto make = [] {
+    return torch::jit::Module(c10::QualifiedName("__torch__.Container"), std::make_shared<torch::jit::CompilationUnit>());
+  };
+  torch::jit::Module root = make(), first = make(), second = make();
+  first.register_module("paligemma_with_expert", make());
+  second.register_module("paligemma_with_expert", make());
+  root.register_module("policy", first);
+  root.register_module("ema", second);
+  root.save(dir + "/two.pt");
+  expect_one_line_error(run_cli("list " + dir + "/two.pt"), 2, "cannot detect the scope");
+}
+
+// verify runs the quantized model, keeps only its W4A8 layers, then runs the original: the output
+// format other tools parse stays, and a wrong pair of models is a one-line error.
+TEST(Cli, VerifyReportsEndToEndAndPerLayerErrors) {
+  const auto model = fixture("pi0_tiny_script.pt");
+  const auto inputs = fixture("pi0_tiny.inputs.pt");
+  testing::require_fixture(model);
+  const auto dir = testing::temporary_directory("verify");
+  const std::string expert = "paligemma_with_expert.gemma_expert.model.layers.4.";
+  const auto quantized = run_cli("quantize " + model + " -o " + dir + "/q.pt --calib " + inputs +
+                                 " --rotation-steps 16 --layers " + expert + "mlp.gate_proj," + expert + "mlp.up_proj," +
+                                 expert + "mlp.down_proj");
+  ASSERT_EQ(quantized.exit_code, 0) << quantized.output;
+  const auto result = run_cli("verify " + model + " " + dir + "/q.pt --inputs " + inputs + " --json " + dir + "/e.json");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  std::smatch match;
+  ASSERT_TRUE(std::regex_search(result.output, match,
+                                std::regex(R"(\[DUQUANT\]\[VERIFY\] end-to-end: relative L2 (\S+), cosine (\S+), max abs)")))
+      << result.output;
+  const double relative_l2 = std::stod(match[1]);
+  EXPECT_GT(relative_l2, 0.0);  // three W4A8 layers change the actions, a little
+  EXPECT_LT(relative_l2, 0.2);
+  EXPECT_EQ(count_lines_starting(result.output, "  " + expert + "mlp."), 3) << result.output;
+  EXPECT_TRUE(testing::file_exists(dir + "/e.json"));
+
+  expect_one_line_error(run_cli("verify " + dir + "/q.pt " + model + " --inputs " + inputs), 1, "has no W4A8 layers");
+  expect_one_line_error(run_cli("verify " + fixture("pi05_tiny_script.pt") + " " + dir + "/q.pt --inputs " + inputs), 1,
+                        "the inputs");
 }
 
 }  // namespace

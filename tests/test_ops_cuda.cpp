@@ -15,6 +15,9 @@
 //    tie moves one q by 1, and |w - z| <= 15).
 //  * With rotations whose products are exact in fp32 (entries +-1/2, dyadic inputs) there are no
 //    ties at all and the whole op must match strictly.
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -415,6 +418,70 @@ TEST(W4A8LinearCuda, RejectsMisplacedAndUnsupportedArguments) {
   EXPECT_THROW(run_op(make_input(3, 384, torch::kFloat, 1604, false).to(torch::kCUDA), grouped.to(torch::kCUDA)),
                c10::Error);
 }
+
+// The capture contract at the top of w4a8_linear_cuda.cu: after one eager (warm-up) call, the op
+// captured into a CUDA graph replays exactly its eager result (same kernels, same launch geometry
+// for the same shapes), and a replay after new values are copied into the captured input computes
+// on those values, not on the ones seen at capture.
+struct CaptureCase {
+  std::string name;
+  LayerSpec spec;
+  int64_t tokens;
+  torch::ScalarType dtype;
+  int64_t act_bits = kActBits;
+};
+
+// ctest lists parameterised cases with their printed parameter: the case name, not its bytes.
+void PrintTo(const CaptureCase& capture_case, std::ostream* out) { *out << capture_case.name; }
+
+class W4A8LinearCudaGraph : public ::testing::TestWithParam<CaptureCase> {};
+
+// The integer kernels are deterministic: bit for bit. The float path (act_bits 0) runs cuBLAS,
+// whose algorithm choice may differ between the capture stream and the default stream.
+bool same_result(const torch::Tensor& actual, const torch::Tensor& expected, int64_t act_bits) {
+  if (act_bits > 0) return torch::equal(actual.cpu(), expected.cpu());
+  return torch::allclose(actual.cpu(), expected.cpu(), /*rtol=*/1e-5, /*atol=*/1e-6);
+}
+
+TEST_P(W4A8LinearCudaGraph, ReplayEqualsEagerAndFollowsNewInputs) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const auto& param = GetParam();
+  const Layer layer = make_layer(param.spec, 1701).to(torch::kCUDA);
+  auto x = make_input(param.tokens, param.spec.in_features, param.dtype, 1702, false).to(torch::kCUDA);
+  const auto eager = run_op(x, layer, param.act_bits);
+  torch::cuda::synchronize();
+
+  at::cuda::CUDAGraph graph;
+  torch::Tensor captured;
+  {
+    // Capture needs a stream other than the default one.
+    const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool());
+    graph.capture_begin();
+    captured = run_op(x, layer, param.act_bits);
+    graph.capture_end();
+  }
+  graph.replay();
+  torch::cuda::synchronize();
+  EXPECT_TRUE(same_result(captured, eager, param.act_bits)) << param.name << ": replay differs from the eager call";
+
+  const auto next = make_input(param.tokens, param.spec.in_features, param.dtype, 1703, false).to(torch::kCUDA);
+  x.copy_(next);
+  graph.replay();
+  torch::cuda::synchronize();
+  const auto next_eager = run_op(next, layer, param.act_bits);
+  EXPECT_TRUE(same_result(captured, next_eager, param.act_bits)) << param.name << ": replay on new inputs";
+  EXPECT_FALSE(same_result(next_eager, eager, param.act_bits)) << param.name << ": the two inputs must differ in output";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, W4A8LinearCudaGraph,
+    ::testing::Values(CaptureCase{"ExpertQProjAt51TokensBf16", {1024, 2048}, 51, torch::kBFloat16},
+                      // Few output tiles and a long K: split-K with its workspace and reduction kernel.
+                      CaptureCase{"LlmDownProjAtOneTokenSplitK", {16384, 2048}, 1, torch::kBFloat16},
+                      CaptureCase{"GroupedWeightsWithBiasFloat32", {1024, 256, 128, 128, true}, 16, torch::kFloat},
+                      CaptureCase{"PrefixTokensWithPaddingHalf", {1000, 512}, 816, torch::kHalf},
+                      CaptureCase{"UnquantizedActivationsFloatPath", {1024, 256}, 7, torch::kFloat, 0}),
+    [](const ::testing::TestParamInfo<CaptureCase>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace duquant::ops

@@ -11,6 +11,7 @@
 #include "duquant/ops.h"
 #include "duquant/quantize_model.h"
 #include "duquant/select.h"
+#include "duquant/stage_times.h"
 #include "duquant/swap.h"
 #include "test_support.h"
 
@@ -242,6 +243,73 @@ TEST(QuantizeModes, DataFree) {
   auto reference = model.forward({x}).toTensor();
   EXPECT_LT(relative_error(result.model.forward({x}).toTensor(), reference), 0.2);
   EXPECT_TRUE(std::isnan(result.layers[0].layer_output_error));
+}
+
+// The CLI lets the pipeline free each target's float weight once its W4A8 layer exists (peak
+// memory near the input size): the quantized model must be exactly what the non-releasing
+// pipeline makes, and the original's target weights must really be gone.
+TEST(PipelineOptions, ReleasingOriginalWeightsGivesTheSameModelAndFreesTheTargets) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto inputs = load_inputs(testing::fixture("pi0_tiny.inputs.pt"));
+  // The seven projections of expert layer 0 keep the test quick; the property is per layer.
+  const auto config = test_config({{"rotation-steps", "8"}, {"scope", kExpert0}});
+  auto kept = load_model(model_path);
+  auto released = load_model(model_path);
+  const auto decisions = select_linears(kept, SelectionRules::from_config(config));
+  const auto recipe = QuantizeRecipe::from_config(config);
+  auto reference = quantize_model(kept, decisions, recipe, &inputs);
+  PipelineOptions pipeline;
+  pipeline.device = torch::kCPU;
+  pipeline.release_original_weights = true;
+  auto result = quantize_model(released, decisions, recipe, &inputs, {}, pipeline);
+  EXPECT_TRUE(torch::equal(run(result.model, inputs), run(reference.model, inputs)));
+  const auto originals = modules_by_path(released);
+  for (const auto& decision : decisions) {
+    const auto weight = originals.at(decision.path).attr("weight").toTensor();
+    EXPECT_EQ(weight.numel() == 0, decision.target) << decision.path;
+  }
+  // Every stage that ran reports its time; a tiny model still takes measurable time in each.
+  for (const auto stage : {Stage::Calibration, Stage::RotationSearch, Stage::Permutation, Stage::WeightTransform,
+                           Stage::ClipSearch, Stage::Rounding, Stage::Packing, Stage::LayerCheck, Stage::Swap}) {
+    EXPECT_GT(result.stages[stage], 0.0) << stage_name(stage);
+  }
+  EXPECT_EQ(result.stages[Stage::Load], 0.0);  // the caller's stages
+  EXPECT_EQ(result.stages[Stage::Save], 0.0);
+}
+
+// The device path is the CPU path: quantizing on CUDA gives the CPU's model up to floating-point
+// rounding (same rotation steps and permutations, nearly all the same integer levels, the same
+// outputs to within the quantization noise). Skips without a GPU.
+TEST(PipelineOptions, CudaQuantizationMatchesTheCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto inputs = load_inputs(testing::fixture("pi0_tiny.inputs.pt"));
+  const auto config = test_config({});
+  auto model = load_model(model_path);
+  const auto decisions = select_linears(model, SelectionRules::from_config(config));
+  const auto recipe = QuantizeRecipe::from_config(config);
+  auto on_cpu = quantize_model(model, decisions, recipe, &inputs);
+  PipelineOptions pipeline;
+  pipeline.device = torch::kCUDA;
+  auto on_cuda = quantize_model(model, decisions, recipe, &inputs, {}, pipeline);
+  ASSERT_EQ(on_cpu.layers.size(), on_cuda.layers.size());
+  const auto cpu_layers = modules_by_path(on_cpu.model), cuda_layers = modules_by_path(on_cuda.model);
+  int64_t levels = 0, differing = 0;
+  for (const auto& layer : on_cpu.layers) {
+    const auto a = W4A8LinearClass::read(cpu_layers.at(layer.path));
+    const auto b = W4A8LinearClass::read(cuda_layers.at(layer.path));
+    ASSERT_FALSE(b.packed_weight.is_cuda()) << "the result is a CPU model";
+    if (a.permutation.defined()) EXPECT_TRUE(torch::equal(a.permutation, b.permutation)) << layer.path;
+    const auto levels_a = ops::unpack_int4(a.packed_weight), levels_b = ops::unpack_int4(b.packed_weight);
+    levels += levels_a.numel();
+    differing += (levels_a != levels_b).sum().item<int64_t>();
+  }
+  EXPECT_LT(static_cast<double>(differing) / levels, 0.01);
+  const auto reference = run(model, inputs);
+  EXPECT_NEAR(relative_error(run(on_cuda.model, inputs), reference), relative_error(run(on_cpu.model, inputs), reference),
+              0.1 * relative_error(run(on_cpu.model, inputs), reference));
 }
 
 double median(std::vector<double> values) {

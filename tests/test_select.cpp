@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <regex>
+#include <sstream>
 
 #include "duquant/config.h"
 #include "duquant/errors.h"
@@ -206,6 +207,15 @@ TEST_P(GeneratedModel, BadSelectionsAreRefused) {
                UserError);
 }
 
+TEST_P(GeneratedModel, ScopeDetectionFindsTheGeneratorsPrefix) {
+  const auto path = testing::fixture(GetParam());
+  testing::require_fixture(path);
+  Config config = config_with({});
+  detect_scope(config, load_model(path));
+  EXPECT_EQ(config.get("scope"), "paligemma_with_expert.");
+  EXPECT_FALSE(config.is_default("scope"));
+}
+
 INSTANTIATE_TEST_SUITE_P(Pi0Variants, GeneratedModel,
                          ::testing::Values("pi0_tiny_script.pt", "pi0_tiny_trace.pt", "pi05_tiny_script.pt",
                                            "pi05_tiny_trace.pt"),
@@ -214,6 +224,69 @@ INSTANTIATE_TEST_SUITE_P(Pi0Variants, GeneratedModel,
                            std::replace(name.begin(), name.end(), '.', '_');
                            return name;
                          });
+
+// A module tree with the given dotted paths (every module a plain container; detection reads
+// paths only).
+torch::jit::Module module_tree(const std::vector<std::string>& paths) {
+  auto make = [] {
+    return torch::jit::Module(c10::QualifiedName("__torch__.Container"), std::make_shared<torch::jit::CompilationUnit>());
+  };
+  torch::jit::Module root = make();
+  for (const auto& path : paths) {
+    torch::jit::Module parent = root;
+    std::stringstream parts(path);
+    std::string name;
+    while (std::getline(parts, name, '.')) {
+      if (!parent.hasattr(name)) parent.register_module(name, make());
+      parent = parent.attr(name).toModule();
+    }
+  }
+  return root;
+}
+
+TEST(DetectScope, FindsLerobotsModelPrefix) {
+  Config config = config_with({});
+  detect_scope(config, module_tree({"model.paligemma_with_expert.paligemma.model", "model.action_in_proj"}));
+  EXPECT_EQ(config.get("scope"), "model.paligemma_with_expert.");
+  const auto lines = config.describe();
+  EXPECT_TRUE(std::any_of(lines.begin(), lines.end(), [](const std::string& line) {
+    return std::regex_search(line, std::regex(R"(^  scope += model\.paligemma_with_expert\.  \(detected\)$)"));
+  })) << lines.front();
+}
+
+TEST(DetectScope, ExplicitEnvironmentOrFlagWins) {
+  const auto tree = module_tree({"model.paligemma_with_expert.gemma_expert"});
+  Config from_environment = config_with({{"OPENPI_DUQUANT_SCOPE", "model.paligemma_with_expert.gemma_expert."}});
+  detect_scope(from_environment, tree);
+  EXPECT_EQ(from_environment.get("scope"), "model.paligemma_with_expert.gemma_expert.");
+  Config from_flag = config_with({});
+  from_flag.apply_flag("scope", "");
+  detect_scope(from_flag, tree);
+  EXPECT_EQ(from_flag.get("scope"), "");
+}
+
+TEST(DetectScope, TwoCandidatePrefixesAreAUsageError) {
+  Config config = config_with({});
+  try {
+    detect_scope(config, module_tree({"policy.paligemma_with_expert.x", "ema.paligemma_with_expert.x"}));
+    FAIL() << "no error";
+  } catch (const UserError& error) {
+    EXPECT_EQ(error.code(), ExitCode::Usage);
+    const std::string message = error.what();
+    EXPECT_NE(message.find("'ema.paligemma_with_expert.'"), std::string::npos) << message;
+    EXPECT_NE(message.find("'policy.paligemma_with_expert.'"), std::string::npos) << message;
+    EXPECT_NE(message.find("--scope"), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos);
+  }
+}
+
+TEST(DetectScope, WithoutTheAnchorTheDefaultStays) {
+  Config config = config_with({});
+  // "xpaligemma_with_expert" is not a whole path component.
+  detect_scope(config, module_tree({"encoder.xpaligemma_with_expert.layer"}));
+  EXPECT_EQ(config.get("scope"), Config::defaults().get("scope"));
+  EXPECT_TRUE(config.is_default("scope"));
+}
 
 }  // namespace
 }  // namespace duquant

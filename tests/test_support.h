@@ -34,9 +34,10 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 
-// Runs `duquant <arguments>` through the shell (arguments are shell text).
-inline CommandResult run_cli(const std::string& arguments, const std::string& environment = "") {
-  const std::string command = environment + " " + DUQUANT_CLI + " " + arguments + " 2>&1";
+// Runs `program <arguments>` through the shell (arguments are shell text), stdout and stderr together.
+inline CommandResult run_program(const std::string& program, const std::string& arguments,
+                                 const std::string& environment = "") {
+  const std::string command = environment + " " + program + " " + arguments + " 2>&1";
   CommandResult result;
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(command.c_str(), "r"), pclose);
   std::array<char, 4096> buffer{};
@@ -45,6 +46,17 @@ inline CommandResult run_cli(const std::string& arguments, const std::string& en
   const int status = pclose(pipe.release());
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+// Runs `duquant <arguments>`.
+inline CommandResult run_cli(const std::string& arguments, const std::string& environment = "") {
+  return run_program(DUQUANT_CLI, arguments, environment);
+}
+
+// duquant_bench, built next to the CLI.
+inline std::string bench_program() {
+  const std::string cli = DUQUANT_CLI;
+  return cli.substr(0, cli.rfind('/') + 1) + "duquant_bench";
 }
 
 // A fresh directory under /tmp (mkdtemp; see model_io.h on why not std::filesystem).

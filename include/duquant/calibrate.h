@@ -27,17 +27,19 @@ struct LayerStatistics {
 using ObservationCallback = std::function<void(size_t done, size_t total)>;
 
 // Observes the inputs of `targets` over one forward of `model` per observation, all on the same
-// observing copy: absmax is the element-wise max over every observation, the row sample stays
-// uniform over every token of every observation (stride doubling, src/calibrate.cpp), and memory
-// stays bounded by `sample_rows` rows per target whatever the number of observations.
+// observing copy, run on `device`: absmax is the element-wise max over every observation, the row
+// sample stays uniform over every token of every observation (stride doubling,
+// src/calibrate.cpp), and memory stays bounded by `sample_rows` rows per target whatever the
+// number of observations. The statistics are on `device`; the model is back on the CPU.
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets,
                                                  const std::vector<Observation>& observations, int64_t sample_rows,
-                                                 const ObservationCallback& on_observation = {});
+                                                 const ObservationCallback& on_observation = {},
+                                                 const torch::Device& device = torch::kCPU);
 // One observation.
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
-                                                 int64_t sample_rows);
+                                                 int64_t sample_rows, const torch::Device& device = torch::kCPU);
 
 // Targets that share one input (q/k/v, gate/up): same parent module and identical statistics.
 // Groups keep model order; every target is in exactly one group.

@@ -16,7 +16,7 @@ struct Setting {
   std::string key;          // flag name without dashes, e.g. "exclude"
   std::string environment;  // OPENPI_DUQUANT_* variable, empty when the fork has none
   std::string value;
-  std::string source;       // "default", "env OPENPI_DUQUANT_X", "flag --x"
+  std::string source;       // "default", "env OPENPI_DUQUANT_X", "flag --x", "detected"
   std::string help;
 };
 
@@ -29,6 +29,10 @@ class Config {
   // variables the tool does not implement are recorded in ignored_environment().
   void apply_environment(const std::function<std::optional<std::string>(const std::string&)>& lookup);
   void apply_flag(const std::string& key, const std::string& value);
+  // A value the tool found in the model (the scope, select.h detect_scope); source "detected".
+  void apply_detected(const std::string& key, const std::string& value);
+  // True while neither the environment nor a flag has set `key`.
+  bool is_default(const std::string& key) const;
 
   const std::string& get(const std::string& key) const;
   int64_t get_int(const std::string& key) const;

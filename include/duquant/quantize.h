@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "duquant/stage_times.h"
+
 namespace duquant {
 
 struct WeightQuantOptions {
@@ -15,6 +17,13 @@ struct WeightQuantOptions {
   int64_t group_size = -1;   // <= 0: one scale/zero per output channel
   // Clipping ratios tried per output channel; with no calibration sample only the first is used.
   std::vector<double> clip_ratios = {1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7};
+};
+
+// Scale and integer-valued zero point of every quantization group (float32, shaped like the
+// groups they describe).
+struct QuantizationGrid {
+  torch::Tensor scale;
+  torch::Tensor zero;
 };
 
 struct QuantizedWeight {
@@ -25,6 +34,7 @@ struct QuantizedWeight {
   // ||X~ (W~ - deq(W~))^T|| / ||X~ W~^T|| on the calibration sample (NaN without one).
   double output_relative_error = 0;
   double mean_clip_ratio = 1.0;
+  StageTimes times;  // ClipSearch, Rounding, Packing
 };
 
 // `weight` is the transformed float weight W~ [N, K] (K padded); `sample` is the transformed

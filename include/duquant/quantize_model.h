@@ -13,6 +13,7 @@
 #include "duquant/model_io.h"
 #include "duquant/recipe.h"
 #include "duquant/select.h"
+#include "duquant/stage_times.h"
 
 namespace duquant {
 
@@ -47,8 +48,8 @@ struct LayerReport {
 struct QuantizeResult {
   torch::jit::Module model;
   std::vector<LayerReport> layers;
-  double calibration_seconds = 0;
-  double transform_seconds = 0;
+  // Wall time per stage (Load and Save are the caller's: the CLI adds them before the report).
+  StageTimes stages;
   int64_t calibration_row_limit = 0;
   int64_t observed_row_limit = 0;  // rows kept per layer by the observers (max of the searches' budgets)
   int64_t observations = 0;        // calibration observations (forwards)
@@ -59,6 +60,18 @@ struct QuantizeResult {
   int64_t w4a8_bytes = 0;
 };
 
+// How the pipeline runs (not what it computes: that is the QuantizeRecipe).
+struct PipelineOptions {
+  // Where calibration, the transform, the clip search and the rounding run, as tensor ops. With a
+  // CUDA device the model visits the device for calibration and is back on the CPU afterwards;
+  // the result is a CPU model either way, equal up to floating-point rounding.
+  torch::Device device = torch::kCPU;
+  // Drop each target's floating-point weight from `model` as soon as its W4A8 layer exists, so
+  // that peak memory stays near the size of the input model (the CLI, which never uses the
+  // original again). `model` must not be run afterwards.
+  bool release_original_weights = false;
+};
+
 // Called after each layer is quantized (for the per-layer log line and progress).
 using LayerCallback = std::function<void(const LayerReport&, size_t done, size_t total)>;
 
@@ -66,11 +79,12 @@ using LayerCallback = std::function<void(const LayerReport&, size_t done, size_t
 // clipping; documented as less accurate). The original model is left untouched and usable.
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const ModelInputs* calibration,
-                              const LayerCallback& on_layer = {});
+                              const LayerCallback& on_layer = {}, const PipelineOptions& pipeline = {});
 // Many observations (load_observations); empty: data-free. Statistics accumulate over one forward
 // per observation (calibrate.h); `on_observation` reports calibration progress.
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
                               const QuantizeRecipe& recipe, const std::vector<Observation>& calibration,
-                              const LayerCallback& on_layer = {}, const ObservationCallback& on_observation = {});
+                              const LayerCallback& on_layer = {}, const ObservationCallback& on_observation = {},
+                              const PipelineOptions& pipeline = {});
 
 }  // namespace duquant

@@ -25,6 +25,10 @@ void print_component_table(const std::vector<LinearDecision>& decisions, std::os
 int64_t count_targets(const std::vector<LinearDecision>& decisions);
 void print_matched_count(const std::vector<LinearDecision>& decisions, std::ostream& out);  // the fork's line
 
+// "[DUQUANT] stage <name> <seconds> s (<share> %)" per stage, the unaccounted rest, the wall total and
+// the peak resident memory of the process.
+void print_stage_table(const StageTimes& stages, double wall_seconds, std::ostream& out);
+
 std::string replaced_line(const LayerReport& layer);  // "[DUQUANT][REPLACED] path: Linear(..) -> DuQuantLinear W4 A8 ..."
 
 nlohmann::json selection_json(const Config& config, const std::vector<LinearDecision>& decisions,

@@ -53,6 +53,16 @@ bool is_linear(const torch::jit::Module& module);
 torch::Tensor linear_bias(const torch::jit::Module& linear);
 bool is_quantized_linear(const torch::jit::Module& module);
 
+// The component of module paths under which openpi's pi0/pi0.5 tree lives (DESIGN.md section 3).
+inline constexpr const char* kScopeAnchor = "paligemma_with_expert";
+
+// With SCOPE at its default (neither environment nor flag set it), finds the unique module-path
+// prefix that ends in "paligemma_with_expert." ("model.paligemma_with_expert." in lerobot, which
+// nests the policy under `model`) and sets it as the scope, source "detected". Leaves the default
+// when no path has that component (select_linears then reports the scope matching nothing); a
+// UserError (usage) when several prefixes do.
+void detect_scope(Config& config, const torch::jit::Module& model);
+
 // Every Linear (and already-quantized layer) of `model`, in module order, with its decision.
 // Throws UserError for a LAYERS entry that names no module or a non-Linear module, and for a scope
 // that matches no module path.

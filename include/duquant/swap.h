@@ -67,6 +67,8 @@ struct W4A8LinearState {
 
   // duquant::w4a8_linear of x with this state: what the module's forward computes.
   torch::Tensor forward(const torch::Tensor& x) const;
+  // The same state with every tensor on `device`.
+  W4A8LinearState to(const torch::Device& device) const;
 };
 
 // The W4A8Linear class (type name in type_names.h): plain tensor buffers, forward calling

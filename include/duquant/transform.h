@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "duquant/stage_times.h"
+
 namespace duquant {
 
 enum class Method { Rtn, Smooth, DuQuant };
@@ -39,6 +41,7 @@ struct LayerTransform {
   // max_j max_t |x_tj| / mean_j max_t |x_tj| of the calibration sample, before and after.
   double peak_to_mean_before = 0;
   double peak_to_mean_after = 0;
+  StageTimes times;  // RotationSearch and Permutation
 };
 
 // Smoothing factors s_j = clamp(max|X_j|^alpha / max|W_:,j|^(1-alpha), 1e-5) (section 4 step 1).

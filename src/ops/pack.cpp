@@ -1,4 +1,8 @@
 // Packing of unsigned int4 weight levels into the layout of w4a8_layout.h.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 #include "duquant/ops.h"
 #include "w4a8_layout.h"
 
@@ -15,11 +19,16 @@ torch::Tensor pack_int4(const torch::Tensor& levels) {
   auto packed = torch::zeros({n_rows, layout::packed_row_bytes(k)}, torch::kUInt8);
   const uint8_t* in = src.data_ptr<uint8_t>();
   uint8_t* out = packed.data_ptr<uint8_t>();
-  for (int64_t n = 0; n < n_rows; ++n) {
-    for (int64_t j = 0; j < k; ++j) {
-      out[layout::packed_byte_index(n, j, k)] |= static_cast<uint8_t>(in[n * k + j] << layout::nibble_shift(j));
-    }
-  }
+  // Rows are independent: each writes only its own packed row.
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(k, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t n = begin; n < end; ++n) {
+                       for (int64_t j = 0; j < k; ++j) {
+                         out[layout::packed_byte_index(n, j, k)] |=
+                             static_cast<uint8_t>(in[n * k + j] << layout::nibble_shift(j));
+                       }
+                     }
+                   });
   return packed;
 }
 

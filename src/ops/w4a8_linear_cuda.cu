@@ -60,6 +60,23 @@
 // act_bits <= 0 (no activation quantization) has no integer kernel: the transform runs as torch
 // ops (apply_online_transform), the weight is dequantized on the GPU and y = x W^T in fp32, which
 // is the CPU reference's definition of that mode.
+//
+// CUDA-graph capture contract (DESIGN.md section 7: end-to-end latency is measured under CUDA
+// graphs; include/duquant/cuda_graph.h captures whole models). Every host function below may run
+// while the current stream is being captured, so it
+//  * launches every kernel and torch op on at::cuda::getCurrentCUDAStream() of x's device;
+//  * never synchronises the host: no .item(), .cpu(), cudaDeviceSynchronize, blocking cudaMemcpy
+//    or check of tensor values; argument checks read metadata only (sizes, dtypes, devices), and
+//    out-of-range permutation entries are caught on the device (CUDA_KERNEL_ASSERT);
+//  * allocates only through the caching allocator (torch::empty / contiguous / clone on the
+//    current stream: under capture the results, the quantized activations and the split-K
+//    workspace come from the graph's private pool);
+//  * changes no function attribute per call: the first call on a device raises each kernel's
+//    dynamic shared-memory limit once (allow_dynamic_shared_memory, thread-safe); the runner's
+//    warm-up calls before capture keep even that out of the captured forward;
+//  * reads device properties and occupancy through host-side queries, which capture permits.
+// The launch geometry depends on the shapes only (T, K, N), so a replay repeats exactly the
+// captured launches for the captured shapes.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,9 +85,9 @@
 #include <torch/library.h>
 
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -594,19 +611,33 @@ __global__ void split_k_reduce_kernel(const GemmParams p) {
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-// Raises a kernel's dynamic shared-memory limit once per device (needed above 48 KB).
+// Raises a kernel's dynamic shared-memory limit to what the device allows it (the opt-in maximum
+// less the kernel's static shared memory), once per device and kernel: std::call_once makes
+// concurrent first calls wait for the one that sets it, so no thread launches before the limit is
+// raised and no call ever changes the attribute again (capture contract at the top of the file).
+// The limit only permits; each launch's own dynamic size decides the occupancy.
+struct SharedMemoryGrant {
+  std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> raised;
+  std::array<int64_t, C10_COMPILE_TIME_MAX_GPUS> limit{};  // written inside call_once, read after it
+};
+
 template <typename Kernel>
-void allow_dynamic_shared_memory(Kernel kernel, int64_t bytes, std::array<std::atomic<int64_t>, 64>& granted) {
+void allow_dynamic_shared_memory(Kernel kernel, int64_t bytes, SharedMemoryGrant& grant) {
   if (bytes <= kDefaultSharedLimit) return;
   const int device = c10::cuda::current_device();
-  auto& slot = granted[static_cast<size_t>(device) % granted.size()];
-  if (slot.load() >= bytes) return;
-  const auto* properties = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= static_cast<int64_t>(properties->sharedMemPerBlockOptin), "duquant::w4a8_linear (CUDA): ",
-              bytes, " bytes of shared memory needed, the device allows ", properties->sharedMemPerBlockOptin,
-              " per block");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  slot.store(bytes);
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "duquant::w4a8_linear (CUDA): device index ",
+              device, " is out of range");
+  const auto slot = static_cast<size_t>(device);
+  std::call_once(grant.raised[slot], [&] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) -
+                          static_cast<int64_t>(attributes.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+    grant.limit[slot] = limit;
+  });
+  TORCH_CHECK(bytes <= grant.limit[slot], "duquant::w4a8_linear (CUDA): ", bytes,
+              " bytes of dynamic shared memory needed, the device allows this kernel ", grant.limit[slot]);
 }
 
 // 16-byte vector loads (cp.async, float4) need 16-byte aligned bases.
@@ -736,9 +767,9 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_rows.scalar_type(), "duquant_fused_quantize", [&] {
     using InT = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
                                    std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, scalar_t>>;
-    static std::array<std::atomic<int64_t>, 64> granted{};
+    static SharedMemoryGrant grant;  // one per input dtype: each case of the dispatch has its own lambda
     const auto kernel = fused_quantize_kernel<InT>;
-    allow_dynamic_shared_memory(kernel, shared_bytes, granted);
+    allow_dynamic_shared_memory(kernel, shared_bytes, grant);
     // As many blocks as can be resident at once (each then loops over tokens), at most one per token.
     int resident_per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_per_sm, kernel, kPreKernelThreads,
@@ -770,8 +801,8 @@ template <int kTileM, int kWarpsM, bool kGrouped>
 void launch_gemm(const GemmParams& params, cudaStream_t stream) {
   using Tile = GemmTile<kTileM, kWarpsM>;
   constexpr int64_t kSharedBytes = gemm_shared_bytes(kTileM);
-  static std::array<std::atomic<int64_t>, 64> granted{};
-  allow_dynamic_shared_memory(w4a8_gemm_kernel<kTileM, kWarpsM, kGrouped>, kSharedBytes, granted);
+  static SharedMemoryGrant grant;
+  allow_dynamic_shared_memory(w4a8_gemm_kernel<kTileM, kWarpsM, kGrouped>, kSharedBytes, grant);
   const dim3 grid(ceil_div(params.out_features, kGemmTileN), ceil_div(params.tokens, kTileM), params.plan.splits);
   w4a8_gemm_kernel<kTileM, kWarpsM, kGrouped><<<grid, Tile::kThreads, kSharedBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
