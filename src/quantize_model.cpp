@@ -40,7 +40,7 @@ LayerStatistics synthetic_statistics(int64_t in_features, int64_t rows, uint64_t
   return stats;
 }
 
-// Every `held_out_every`-th sampled row is held out from all fitting (rotation, clipping, GPTQ)
+// Every kHeldOutEvery-th sampled row is held out from all fitting (rotation, clipping, GPTQ)
 // and only measures the layer's error: the report's figures are then not the fit's own.
 constexpr int64_t kHeldOutEvery = 8;
 

@@ -2,6 +2,7 @@
 #include "duquant/sensitivity.h"
 
 #include <fmt/format.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -23,6 +24,20 @@ torch::Tensor output_tensor(const torch::jit::IValue& output) {
   }
   throw UserError("the model's forward does not return a tensor (or a tuple starting with one)");
 }
+
+// Every evaluated model is a fresh type-split copy that runs only on the evaluation inputs: the
+// graph executor's profiling and optimisation passes would cost more than those few forwards,
+// so they are switched off for the measurement (and restored after, also on errors).
+class UnoptimizedExecutor {
+ public:
+  UnoptimizedExecutor() : previous_(torch::jit::getGraphExecutorOptimize()) { torch::jit::setGraphExecutorOptimize(false); }
+  ~UnoptimizedExecutor() { torch::jit::setGraphExecutorOptimize(previous_); }
+  UnoptimizedExecutor(const UnoptimizedExecutor&) = delete;
+  UnoptimizedExecutor& operator=(const UnoptimizedExecutor&) = delete;
+
+ private:
+  bool previous_;
+};
 
 // All outputs of the evaluation observations, flattened and stacked, in float64.
 torch::Tensor evaluation_outputs(torch::jit::Module model, const std::vector<Observation>& evaluation) {
@@ -123,6 +138,7 @@ SensitivityResult measure_sensitivity(const torch::jit::Module& original, const 
                                       const std::vector<Observation>& evaluation, bool with_curve,
                                       const SensitivityCallback& progress) {
   torch::NoGradGuard no_grad;
+  UnoptimizedExecutor executor;
   if (evaluation.empty()) throw UserError("sensitivity needs evaluation inputs (--inputs FILE)", ExitCode::Usage);
   const auto start = std::chrono::steady_clock::now();
   SensitivityResult result;
