@@ -194,16 +194,17 @@ int quantize(const std::string& model_path, const std::string& output_path, cons
   if (terminal) fmt::print(stderr, "\n");
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
-  {
-    StageTimer timer(load_and_save, Stage::Save);
-    save_model_atomically(result.model, output_path);
-  }
-  result.stages += load_and_save;
   // Both files or neither: the model is removed again if the report cannot be written, or if a
-  // signal ends the process before the report is complete. (The model goes first so that the
-  // report can hold the time its save took.)
+  // signal ends the process before the report is complete (registered before the model's rename,
+  // so no signal falls between the two). The model goes first so that the report can hold the
+  // time its save took.
   {
     RemoveOnSignal remove_model_on_signal(output_path);
+    {
+      StageTimer timer(load_and_save, Stage::Save);
+      save_model_atomically(result.model, output_path);
+    }
+    result.stages += load_and_save;
     try {
       write_text_atomically(quantize_report_json(config, result, decisions, model_path, output_path).dump(2) + "\n",
                             report_path);
