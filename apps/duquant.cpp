@@ -325,16 +325,17 @@ int quantize(QuantizeArguments arguments, Config config) {
   }
   std::cout << fmt::format("[DUQUANT] Total layers replaced: {}\n", result.layers.size());
   print_component_table(decisions, std::cout);
-  {
-    StageTimer timer(load_and_save, Stage::Save);
-    save_model_atomically(result.model, arguments.output_path);
-  }
-  result.stages += load_and_save;
   // Both files or neither: the model is removed again if the report cannot be written, or if a
-  // signal ends the process before the report is complete. (The model goes first so that the
-  // report can hold the time its save took.)
+  // signal ends the process before the report is complete (registered before the model's rename,
+  // so no signal falls between the two). The model goes first so that the report can hold the
+  // time its save took.
   {
     RemoveOnSignal remove_model_on_signal(arguments.output_path);
+    {
+      StageTimer timer(load_and_save, Stage::Save);
+      save_model_atomically(result.model, arguments.output_path);
+    }
+    result.stages += load_and_save;
     try {
       auto report = quantize_report_json(config, result, decisions, arguments.model_path, arguments.output_path);
       for (const auto& [path, rank] : kept) report["kept_float"].push_back({{"path", path}, {"rank", rank}});
