@@ -20,6 +20,7 @@
 #include "duquant/quantize_model.h"
 #include "duquant/select.h"
 #include "duquant/sensitivity.h"
+#include "test_config.h"
 #include "test_support.h"
 
 namespace duquant {
@@ -30,13 +31,7 @@ using testing::kNoteExclude;
 const std::string kCalibration = "pi0_tiny.calib";
 const std::string kHeldOut = "pi0_tiny.heldout.inputs.pt";
 
-Config test_config(const std::map<std::string, std::string>& flags) {
-  Config config = Config::defaults();
-  config.apply_flag("exclude", kNoteExclude);
-  config.apply_flag("rotation-steps", "64");  // keeps the suite fast; the CLI default is the paper's 256
-  for (const auto& [key, value] : flags) config.apply_flag(key, value);
-  return config;
-}
+using testing::test_config;
 
 std::vector<std::string> targets_of(const std::vector<LinearDecision>& decisions) {
   std::vector<std::string> targets;

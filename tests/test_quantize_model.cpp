@@ -13,6 +13,7 @@
 #include "duquant/select.h"
 #include "duquant/stage_times.h"
 #include "duquant/swap.h"
+#include "test_config.h"
 #include "test_support.h"
 
 namespace duquant {
@@ -22,13 +23,7 @@ using testing::kNoteExclude;
 const std::string kLlm0 = "paligemma_with_expert.paligemma.model.language_model.layers.0.";
 const std::string kExpert0 = "paligemma_with_expert.gemma_expert.model.layers.0.";
 
-Config test_config(const std::map<std::string, std::string>& flags) {
-  Config config = Config::defaults();
-  config.apply_flag("exclude", kNoteExclude);
-  config.apply_flag("rotation-steps", "64");  // keeps the suite fast; the CLI default is the paper's 256
-  for (const auto& [key, value] : flags) config.apply_flag(key, value);
-  return config;
-}
+using testing::test_config;
 
 QuantizeResult quantize_with(const torch::jit::Module& model, const ModelInputs& inputs, const Config& config) {
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
