@@ -147,7 +147,8 @@ TEST_P(TinyPi0, QuantizedLayerIsTheOperatorOnItsBuffers) {
   EXPECT_GT(result.layers[0].peak_to_mean_before, 3 * result.layers[0].peak_to_mean_after);
 }
 
-INSTANTIATE_TEST_SUITE_P(Exports, TinyPi0, ::testing::Values("pi0_tiny_script", "pi0_tiny_trace"));
+INSTANTIATE_TEST_SUITE_P(Exports, TinyPi0, ::testing::Values("pi0_tiny_script", "pi0_tiny_trace"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 
 TEST(QuantizeRefusals, AlreadyQuantizedWrongInputsAndNaN) {
   const auto model_path = testing::fixture("pi0_tiny_script.pt");

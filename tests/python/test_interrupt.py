@@ -4,6 +4,7 @@ import glob
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -14,10 +15,10 @@ INPUTS = os.path.join(FIXTURES, "pi0_tiny.inputs.pt")
 NOTE_EXCLUDE = r"(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)"
 
 
-def start_quantize(directory, *extra):
+def start_quantize(directory, *extra, log=subprocess.PIPE):
     # stdbuf: line-buffered stdout, so the test sees each log line when it is printed.
     return subprocess.Popen(["stdbuf", "-oL", CLI, "quantize", MODEL, "-o", str(directory / "q.pt"), "--calib", INPUTS,
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             *extra], stdout=log, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OPENPI_DUQUANT_EXCLUDE=NOTE_EXCLUDE))
 
 
@@ -45,14 +46,23 @@ def test_a_signal_while_writing_removes_the_temporary_and_the_report(tmp_path, s
     for attempt in range(8):
         directory = tmp_path / f"attempt{attempt}"
         directory.mkdir()
-        process = start_quantize(directory, "--method", "rtn")
-        seen = None
-        while process.poll() is None and seen is None:
-            temporaries = glob.glob(str(directory / "*.tmp*"))
-            if temporaries:
-                process.send_signal(signal_number)
-                seen = temporaries
-        output, _ = process.communicate(timeout=120)
+        # The log goes to a file beside the attempt's directory: a pipe nobody reads while polling
+        # would fill up and block the process before it ever writes.
+        log_path = tmp_path / f"attempt{attempt}.log"
+        with open(log_path, "w") as log:
+            process = start_quantize(directory, "--method", "rtn", log=log)
+            seen = None
+            deadline = time.monotonic() + 600
+            while process.poll() is None and seen is None:
+                assert time.monotonic() < deadline, "quantize neither finished nor wrote within 600 s"
+                temporaries = glob.glob(str(directory / "*.tmp*"))
+                if temporaries:
+                    process.send_signal(signal_number)
+                    seen = temporaries
+                else:
+                    time.sleep(0.002)  # leave the CPU to the process being watched
+            process.wait(timeout=120)
+        output = log_path.read_text()
         if seen is None:
             assert process.returncode == 0, output[-2000:]
             continue
