@@ -457,12 +457,9 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
                     options.device == "auto" ? ExitCode::Failure : ExitCode::Usage);
   }
   auto model = load_model(model_path);
-  auto inputs = load_inputs(inputs_path);
   if (!save_path.empty()) check_writable(save_path);
+  const auto inputs = inputs_on(load_inputs(inputs_path), device);
   model.to(device);  // by device only: Module::to(dtype) would cast the packed weights (DESIGN 5)
-  for (auto& value : inputs.values) {
-    if (value.isTensor()) value = value.toTensor().to(device);
-  }
   // Host clock around each call, finished on the device: the latency a caller waits for.
   auto finish = [&] {
     if (device.is_cuda()) torch::cuda::synchronize();
@@ -526,12 +523,15 @@ ErrorFigures compare(const torch::Tensor& approximate, const torch::Tensor& exac
 // The two models never coexist in memory (peak: the larger of the two, plus the small per-layer
 // state): the quantized model runs first and only its W4A8 layers' state (the packed weights) is
 // kept; then the original runs, its observed per-layer input rows go through its float Linear
-// and through the kept W4A8 layers.
+// and through the kept W4A8 layers. Both forwards and the observation run on `device_name`; the
+// per-layer comparison runs on the CPU (a few hundred rows per layer).
 int verify(const std::string& original_path, const std::string& quantized_path, const std::string& inputs_path,
-           const std::string& json_path, int64_t rows) {
+           const std::string& json_path, int64_t rows, const std::string& device_name) {
   if (rows < 1) throw UserError("--rows must be at least 1", ExitCode::Usage);
+  const auto device = parse_device(device_name);
   if (!json_path.empty()) check_writable(json_path);
   const auto inputs = load_inputs(inputs_path);
+  const auto device_inputs = inputs_on(inputs, device);
 
   std::vector<std::string> layers;
   std::map<std::string, W4A8LinearState> quantized_layers;
@@ -539,15 +539,18 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
   {
     auto quantized = load_model(quantized_path);
     for (const auto& item : quantized.named_modules()) {
-      if (is_quantized_linear(item.value)) {
-        layers.push_back(item.name);
-        quantized_layers.emplace(item.name, W4A8LinearClass::read(item.value));
-      }
+      if (is_quantized_linear(item.value)) layers.push_back(item.name);
     }
     if (layers.empty()) {
       throw UserError(fmt::format("'{}' has no W4A8 layers; give the quantized model second", quantized_path));
     }
-    approximate = output_tensor(run_forward(quantized, inputs));
+    quantized.to(device);  // by device only (DESIGN 5)
+    approximate = output_tensor(run_forward(quantized, device_inputs)).to(torch::kCPU);
+    for (const auto& item : quantized.named_modules()) {
+      if (is_quantized_linear(item.value)) {
+        quantized_layers.emplace(item.name, W4A8LinearClass::read(item.value).to(torch::kCPU));
+      }
+    }
   }
 
   torch::Tensor exact;
@@ -563,19 +566,21 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
                                     original_path, path, quantized_path));
       }
     }
-    exact = output_tensor(run_forward(original, inputs));
+    original.to(device);
+    exact = output_tensor(run_forward(original, device_inputs)).to(torch::kCPU);
     if (exact.sizes() != approximate.sizes()) {
       throw UserError("the two models' outputs differ in shape; are they the same model?");
     }
-    // Per layer: the original float layer on its observed input rows.
+    // Per layer: the original float layer on its observed input rows. Observation brings the
+    // model back to the CPU.
     torch::NoGradGuard no_grad;
-    const auto statistics = calibrate(original, layers, inputs, rows);
+    const auto statistics = calibrate(original, layers, inputs, rows, device);
     for (const auto& path : layers) {
-      const auto sample = statistics.at(path).sample.to(torch::kFloat);  // kept in the input's dtype
+      const auto sample = statistics.at(path).sample.to(torch::kCPU, torch::kFloat);  // kept in the input's dtype
       const auto& linear = originals.at(path);
       const auto bias = linear_bias(linear);
-      const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kFloat),
-                                           bias.defined() ? bias.to(torch::kFloat) : torch::Tensor());
+      const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kCPU, torch::kFloat),
+                                           bias.defined() ? bias.to(torch::kCPU, torch::kFloat) : torch::Tensor());
       samples_and_references.emplace(path, std::make_pair(sample, reference));
     }
   }
@@ -686,6 +691,8 @@ int main(int argc, char** argv) {
   verify_command->add_option("--inputs", inputs_path, "inputs (.inputs.pt container)")->required();
   verify_command->add_option("--json", json_path, "write the figures as JSON");
   verify_command->add_option("--rows", rows, "token rows per layer for the per-layer errors");
+  std::string verify_device = "auto";
+  verify_command->add_option("--device", verify_device, "where both models run: auto (CUDA when present), cpu or cuda");
 
   try {
     app.parse(argc, argv);
@@ -709,7 +716,7 @@ int main(int argc, char** argv) {
                          sensitivity_flags.resolve(*sensitivity_command));
     }
     if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
-    if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows);
+    if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows, verify_device);
   } catch (const UserError& error) {
     std::cerr << "duquant: error: " << error.what() << "\n";
     return static_cast<int>(error.code());

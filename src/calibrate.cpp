@@ -80,12 +80,8 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
   if (moved) observing.to(device);
   try {
     for (size_t i = 0; i < observations.size(); ++i) {
-      ModelInputs device_inputs = observations[i].inputs;
-      for (auto& value : device_inputs.values) {
-        if (value.isTensor()) value = value.toTensor().to(device);
-      }
       try {
-        run_forward(observing, device_inputs);
+        run_forward(observing, inputs_on(observations[i].inputs, device));
       } catch (const UserError& error) {
         if (observations[i].path.empty()) throw;
         throw UserError(fmt::format("calibration observation '{}': {}", observations[i].path, error.what()),

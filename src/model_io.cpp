@@ -198,6 +198,14 @@ std::string forward_signature(const torch::jit::Module& model) {
   return fmt::format("forward({})", fmt::join(args, ", "));
 }
 
+ModelInputs inputs_on(const ModelInputs& inputs, const torch::Device& device) {
+  ModelInputs moved = inputs;
+  for (auto& value : moved.values) {
+    if (value.isTensor()) value = value.toTensor().to(device);
+  }
+  return moved;
+}
+
 torch::jit::IValue run_forward(torch::jit::Module& model, const ModelInputs& inputs) {
   torch::NoGradGuard no_grad;
   const auto& schema = model.get_method("forward").function().getSchema();

@@ -286,6 +286,20 @@ TEST(Cli, VerifyReportsEndToEndAndPerLayerErrors) {
   EXPECT_EQ(count_lines_starting(result.output, "  " + expert + "mlp."), 3) << result.output;
   EXPECT_TRUE(testing::file_exists(dir + "/e.json"));
 
+  expect_one_line_error(run_cli("verify " + model + " " + dir + "/q.pt --inputs " + inputs + " --device tpu"), 2,
+                        "use auto, cpu or cuda");
+  if (!torch::cuda::is_available()) {
+    expect_one_line_error(run_cli("verify " + model + " " + dir + "/q.pt --inputs " + inputs + " --device cuda"), 1,
+                          "no CUDA device is available");
+  } else {
+    // On a GPU both forwards run on CUDA (the W4A8 kernels instead of the CPU reference): the
+    // figures agree with the CPU's up to the kernels' rounding.
+    const auto on_cuda = run_cli("verify " + model + " " + dir + "/q.pt --inputs " + inputs + " --device cuda");
+    ASSERT_EQ(on_cuda.exit_code, 0) << on_cuda.output;
+    ASSERT_TRUE(std::regex_search(
+        on_cuda.output, match, std::regex(R"(\[DUQUANT\]\[VERIFY\] end-to-end: relative L2 (\S+), cosine (\S+), max abs)")));
+    EXPECT_NEAR(std::stod(match[1]), relative_l2, 0.25 * relative_l2);
+  }
   expect_one_line_error(run_cli("verify " + dir + "/q.pt " + model + " --inputs " + inputs), 1, "has no W4A8 layers");
   expect_one_line_error(run_cli("verify " + fixture("pi05_tiny_script.pt") + " " + dir + "/q.pt --inputs " + inputs), 1,
                         "the inputs");

@@ -35,6 +35,9 @@ struct Observation {
 };
 std::vector<Observation> load_observations(const std::vector<std::string>& paths);
 
+// The same inputs with every tensor on `device` (other values as they are).
+ModelInputs inputs_on(const ModelInputs& inputs, const torch::Device& device);
+
 // "forward(images: Tensor, tokens: Tensor, ...)" of the model, for error messages.
 std::string forward_signature(const torch::jit::Module& model);
 
