@@ -12,6 +12,9 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -48,6 +51,18 @@ std::string one_line(const std::string& text) {
     if (line.find_first_not_of(" \t") != std::string::npos) return line;
   }
   return text;
+}
+
+// glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+// tensors below it -- a full-size model's packed int4 weights, observed rows, per-layer
+// temporaries -- come from the heap and stay in the process when freed. Over a quantize or a
+// verify, which hold one model and free another's worth of such tensors, that cost 5 GiB of
+// peak resident memory on the full-size pi0. A fixed threshold (which also disables the raise)
+// returns every block of 128 KiB or more to the system the moment it is freed.
+void return_large_blocks_to_the_system() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
 }
 
 // Settings that are switches on the command line ("--dry-run"), not "--key VALUE" options.
@@ -554,7 +569,7 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
   }
 
   torch::Tensor exact;
-  std::map<std::string, std::pair<torch::Tensor, torch::Tensor>> samples_and_references;
+  std::vector<std::pair<std::string, ErrorFigures>> per_layer;
   {
     auto original = load_model(original_path);
     std::map<std::string, torch::jit::Module> originals;
@@ -571,27 +586,25 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
     if (exact.sizes() != approximate.sizes()) {
       throw UserError("the two models' outputs differ in shape; are they the same model?");
     }
-    // Per layer: the original float layer on its observed input rows. Observation brings the
-    // model back to the CPU.
+    // Per layer: the original float layer and the kept W4A8 layer on the same observed input rows.
+    // Each layer's rows, reference and W4A8 state are dropped as soon as its figures are taken, so
+    // the comparison adds one layer's temporaries to the original model, not all 252 layers' at
+    // once. Observation brings the model back to the CPU.
     torch::NoGradGuard no_grad;
-    const auto statistics = calibrate(original, layers, inputs, rows, device);
+    auto statistics = calibrate(original, layers, inputs, rows, device);
     for (const auto& path : layers) {
       const auto sample = statistics.at(path).sample.to(torch::kCPU, torch::kFloat);  // kept in the input's dtype
+      statistics.erase(path);
       const auto& linear = originals.at(path);
       const auto bias = linear_bias(linear);
       const auto reference = torch::linear(sample, linear.attr("weight").toTensor().to(torch::kCPU, torch::kFloat),
                                            bias.defined() ? bias.to(torch::kCPU, torch::kFloat) : torch::Tensor());
-      samples_and_references.emplace(path, std::make_pair(sample, reference));
+      per_layer.emplace_back(path, compare(quantized_layers.at(path).forward(sample), reference));
+      quantized_layers.erase(path);
     }
   }
   const auto end_to_end = compare(approximate, exact);
 
-  torch::NoGradGuard no_grad;
-  std::vector<std::pair<std::string, ErrorFigures>> per_layer;
-  for (const auto& path : layers) {
-    const auto& [sample, reference] = samples_and_references.at(path);
-    per_layer.emplace_back(path, compare(quantized_layers.at(path).forward(sample), reference));
-  }
   std::sort(per_layer.begin(), per_layer.end(),
             [](const auto& a, const auto& b) { return a.second.relative_l2 > b.second.relative_l2; });
 
@@ -622,6 +635,7 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
 }  // namespace
 
 int main(int argc, char** argv) {
+  return_large_blocks_to_the_system();
   CLI::App app{"duquant: W4A8 DuQuant quantization of TorchScript pi0 models"};
   app.require_subcommand(1);
 
