@@ -56,7 +56,7 @@ std::string one_line(const std::string& text) {
 // glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
 // tensors below it -- a full-size model's packed int4 weights, observed rows, per-layer
 // temporaries -- come from the heap and stay in the process when freed. Over a quantize or a
-// verify, which hold one model and free another's worth of such tensors, that cost 5 GiB of
+// verify, which hold one model and free another's worth of such tensors, that cost up to 5 GiB of
 // peak resident memory on the full-size pi0. A fixed threshold (which also disables the raise)
 // returns every block of 128 KiB or more to the system the moment it is freed.
 void return_large_blocks_to_the_system() {
