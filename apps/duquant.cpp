@@ -1,7 +1,8 @@
 // duquant: select, quantize (W4A8 DuQuant), run and verify TorchScript pi0 models.
 //   duquant list MODEL                          which Linear layers would be quantized, and why
 //   duquant quantize MODEL -o OUT --calib IN    calibrate, transform, pack, swap, save + JSON report
-//   duquant sensitivity MODEL --calib C --inputs HELD_OUT   per-group end-to-end error, float-fallback curve
+//   duquant sensitivity MODEL --calib C|--quantized Q --inputs HELD_OUT   per-group end-to-end error,
+//                                               float-fallback curve
 //   duquant run MODEL --inputs IN               run a (quantized) model on saved inputs [--cuda-graph]
 //   duquant verify ORIGINAL QUANTIZED --inputs IN   end-to-end and per-layer error
 // Selection and recipe settings come from OPENPI_DUQUANT_* variables, overridden by flags.
@@ -290,8 +291,8 @@ int quantize(QuantizeArguments arguments, Config config) {
     std::cout << fmt::format("[DUQUANT] ranking groups by sensitivity on the {} calibration observation(s)\n",
                              observations.size());
     const auto sensitivity = measure_sensitivity(
-        model, result.model, target_paths(decisions), observations, false,
-        [&](const std::string& what, size_t done, size_t total) {
+        model, result.model, target_paths(decisions), observations, {},
+        [&](const std::string& what, double, size_t done, size_t total) {
           if (terminal) fmt::print(stderr, "\r[sensitivity {}/{}] {:<40} {:.0f} s", done, total, what, seconds_since(start));
         });
     if (terminal) fmt::print(stderr, "\n");
@@ -371,20 +372,37 @@ int quantize(QuantizeArguments arguments, Config config) {
   return 0;
 }
 
-int sensitivity(const std::string& model_path, const std::vector<std::string>& calibration_paths,
-                const std::string& inputs_path, const std::string& json_path, const std::string& device_name,
-                Config config) {
-  auto model = load_model(model_path);
-  if (calibration_paths.empty()) {
-    throw UserError("sensitivity needs calibration inputs (--calib FILE or DIRECTORY)", ExitCode::Usage);
+struct SensitivityArguments {
+  std::string model_path, quantized_path, inputs_path, json_path, device = "auto";
+  std::vector<std::string> calibration_paths;
+  std::vector<int64_t> curve_points;  // empty: default_curve_points
+};
+
+// The quantized model either comes from `--quantized` (a model `duquant quantize` wrote with the
+// same selection: ranking a full-size model then costs forwards only, not another quantize) or
+// is quantized here from `--calib`.
+int sensitivity(const SensitivityArguments& arguments, Config config) {
+  if (arguments.calibration_paths.empty() == arguments.quantized_path.empty()) {
+    throw UserError(arguments.quantized_path.empty()
+                        ? "sensitivity needs a quantized model: --calib FILE or DIRECTORY to quantize here, or "
+                          "--quantized Q.pt written by `duquant quantize`"
+                        : "--calib and --quantized both given; --quantized already holds the quantized layers, "
+                          "drop --calib",
+                    ExitCode::Usage);
   }
-  if (!json_path.empty()) check_writable(json_path);
+  auto model = load_model(arguments.model_path);
+  if (!arguments.json_path.empty()) check_writable(arguments.json_path);
   detect_scope(config, model);
   PipelineOptions pipeline;
-  pipeline.device = parse_device(device_name);
+  pipeline.device = parse_device(arguments.device);
   const auto recipe = QuantizeRecipe::from_config(config);
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
-  const auto observations = load_observations(calibration_paths);
+  const auto targets = target_paths(decisions);
+  const auto groups = static_cast<int64_t>(target_groups(targets).size());
+  check_curve_points(arguments.curve_points, groups);
+  const auto observations = arguments.calibration_paths.empty() ? std::vector<Observation>{}
+                                                                 : load_observations(arguments.calibration_paths);
+  const auto& inputs_path = arguments.inputs_path;
   const std::vector<Observation> evaluation = {{inputs_path, load_inputs(inputs_path)}};
   for (const auto& observation : observations) {
     if (observation.path == inputs_path || same_file(observation.path, inputs_path)) {
@@ -398,19 +416,33 @@ int sensitivity(const std::string& model_path, const std::vector<std::string>& c
   print_matched_count(decisions, std::cout);
   const bool terminal = isatty(STDERR_FILENO);
   const auto start = Clock::now();
-  auto quantized = quantize_model(model, decisions, recipe, observations,
-                                  [&](const LayerReport&, size_t done, size_t total) {
-                                    if (terminal) fmt::print(stderr, "\r[quantize {}/{}] {:.0f} s", done, total, seconds_since(start));
-                                  },
-                                  observation_progress(terminal, start), pipeline);
-  if (terminal) fmt::print(stderr, "\n");
+  torch::jit::Module quantized;
+  if (arguments.quantized_path.empty()) {
+    quantized = quantize_model(model, decisions, recipe, observations,
+                               [&](const LayerReport&, size_t done, size_t total) {
+                                 if (terminal) fmt::print(stderr, "\r[quantize {}/{}] {:.0f} s", done, total, seconds_since(start));
+                               },
+                               observation_progress(terminal, start), pipeline)
+                    .model;
+    if (terminal) fmt::print(stderr, "\n");
+  } else {
+    // Only the W4A8 layers are kept (swapped into the original, tensors shared); the rest of the
+    // loaded copy (every float tensor again: 4 GiB on the full-size pi0) is freed at once.
+    const auto loaded = load_model(arguments.quantized_path);
+    check_quantizes_exactly(loaded, targets, arguments.quantized_path);
+    quantized = with_quantized_layers(model, loaded, std::set<std::string>(targets.begin(), targets.end()));
+    std::cout << fmt::format("[DUQUANT] quantized layers from {}\n", arguments.quantized_path);
+  }
   const double quantize_seconds = seconds_since(start);
+  // One line per forward: a full-size ranking runs for an hour on a CPU.
   const auto result = measure_sensitivity(
-      model, quantized.model, target_paths(decisions), evaluation, true,
-      [&](const std::string& what, size_t done, size_t total) {
-        if (terminal) fmt::print(stderr, "\r[sensitivity {}/{}] {:<40} {:.0f} s", done, total, what, seconds_since(start));
+      model, quantized, targets, evaluation,
+      arguments.curve_points.empty() ? default_curve_points(groups) : arguments.curve_points,
+      [&](const std::string& what, double error, size_t done, size_t total) {
+        std::cout << fmt::format("[DUQUANT][SENSITIVITY] {:>3}/{} {:<36} rel L2 {:.4e}  {:.0f} s\n", done, total, what,
+                                 error, seconds_since(start))
+                  << std::flush;
       });
-  if (terminal) fmt::print(stderr, "\n");
 
   std::cout << fmt::format("[DUQUANT][SENSITIVITY] all {} groups quantized: end-to-end relative L2 {:.4e} on {}\n",
                            result.ranked.size(), result.all_quantized_error, inputs_path);
@@ -425,16 +457,17 @@ int sensitivity(const std::string& model_path, const std::vector<std::string>& c
     std::cout << fmt::format("  K {:>3} ({:>3} layers)  rel L2 {:.4e}  target memory {:.2f} MiB\n", point.kept_groups,
                              point.kept_layers, point.end_to_end_error, point.target_bytes / 1048576.0);
   }
-  std::cout << fmt::format("[DUQUANT][SENSITIVITY] quantize {:.1f} s, {} evaluations {:.1f} s, total {:.1f} s\n",
-                           quantize_seconds, result.ranked.size() + 1 + result.curve.size(), result.seconds,
-                           seconds_since(start));
-  if (!json_path.empty()) {
-    auto json = sensitivity_json(result, model_path);
+  std::cout << fmt::format("[DUQUANT][SENSITIVITY] {} {:.1f} s, {} forwards {:.1f} s, total {:.1f} s\n",
+                           arguments.quantized_path.empty() ? "quantize" : "load", quantize_seconds, result.forwards,
+                           result.seconds, seconds_since(start));
+  if (!arguments.json_path.empty()) {
+    auto json = sensitivity_json(result, arguments.model_path);
     json["inputs"] = inputs_path;
-    json["calibration"] = calibration_paths;
+    json["calibration"] = arguments.calibration_paths;
+    if (!arguments.quantized_path.empty()) json["quantized"] = arguments.quantized_path;
     json["quantize_seconds"] = quantize_seconds;
-    write_text_atomically(json.dump(2) + "\n", json_path);
-    std::cout << fmt::format("[DUQUANT] wrote {}\n", json_path);
+    write_text_atomically(json.dump(2) + "\n", arguments.json_path);
+    std::cout << fmt::format("[DUQUANT] wrote {}\n", arguments.json_path);
   }
   return 0;
 }
@@ -451,6 +484,14 @@ struct RunOptions {
   std::string device = "auto";
   bool cuda_graph = false;
   int repeat = 1;
+  // "auto": one-shot for a single call, profiling for --repeat N > 1 and --cuda-graph (the steady
+  // state); "profiling" or "one-shot" to compare the first calls of both (README, executor).
+  std::string executor = "auto";
+
+  bool profiling_executor() const {
+    if (executor == "auto") return repeat > 1 || cuda_graph;
+    return executor == "profiling";
+  }
 };
 
 double median(std::vector<double> values) {
@@ -505,6 +546,13 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
                            first_seconds, as_float.mean().item<double>(), as_float.std().item<double>(),
                            as_float.abs().max().item<double>());
   if (!steady_seconds.empty()) {
+    // The first calls one by one: the profiling executor profiles call 1 and re-optimises on call 2.
+    std::string first_calls = fmt::format("1: {:.2f} ms", 1e3 * first_seconds);
+    for (size_t call = 0; call < std::min<size_t>(2, steady_seconds.size()); ++call) {
+      first_calls += fmt::format(", {}: {:.2f} ms", call + 2, 1e3 * steady_seconds[call]);
+    }
+    std::cout << fmt::format("[DUQUANT] {} executor, calls {}\n",
+                             options.profiling_executor() ? "profiling" : "one-shot", first_calls);
     const auto [fastest, slowest] = std::minmax_element(steady_seconds.begin(), steady_seconds.end());
     std::cout << fmt::format("[DUQUANT] {} calls: first {:.2f} ms{}, then median {:.2f} ms (min {:.2f}, max {:.2f}) "
                              "over {} call{}\n",
@@ -673,18 +721,24 @@ int main(int argc, char** argv) {
   SettingFlags quantize_flags;
   quantize_flags.add_to(*quantize_command);
 
-  std::vector<std::string> sensitivity_calibration;
-  std::string sensitivity_device = "auto";
+  SensitivityArguments sensitivity_arguments;
   auto* sensitivity_command = app.add_subcommand(
       "sensitivity", "rank layer groups by the end-to-end error each causes alone; error vs groups kept float");
-  sensitivity_command->add_option("model", model_path, "TorchScript model (.pt)")->required();
+  sensitivity_command->add_option("model", sensitivity_arguments.model_path, "TorchScript model (.pt)")->required();
   sensitivity_command
-      ->add_option("--calib", sensitivity_calibration, "calibration observations: file or directory (repeatable)")
-      ->allow_extra_args(false)
+      ->add_option("--calib", sensitivity_arguments.calibration_paths,
+                   "calibration observations to quantize with: file or directory (repeatable)")
+      ->allow_extra_args(false);
+  sensitivity_command->add_option("--quantized", sensitivity_arguments.quantized_path,
+                                  "instead of --calib: the model `duquant quantize` wrote with the same selection");
+  sensitivity_command->add_option("--inputs", sensitivity_arguments.inputs_path, "held-out evaluation inputs (.inputs.pt)")
       ->required();
-  sensitivity_command->add_option("--inputs", inputs_path, "held-out evaluation inputs (.inputs.pt)")->required();
-  sensitivity_command->add_option("--json", json_path, "write the ranking and the curve as JSON");
-  sensitivity_command->add_option("--device", sensitivity_device,
+  sensitivity_command->add_option("--json", sensitivity_arguments.json_path, "write the ranking and the curve as JSON");
+  sensitivity_command
+      ->add_option("--curve", sensitivity_arguments.curve_points,
+                   "numbers of worst groups kept float to measure, e.g. 0,4,8,16 (default 0..16, then doubling)")
+      ->delimiter(',');
+  sensitivity_command->add_option("--device", sensitivity_arguments.device,
                                   "where calibration and the transform run: auto (CUDA when present), cpu or cuda");
   SettingFlags sensitivity_flags;
   sensitivity_flags.add_to(*sensitivity_command);
@@ -698,6 +752,11 @@ int main(int argc, char** argv) {
                         "capture the whole forward into a CUDA graph once, then replay it (needs CUDA)");
   run_command->add_option("--repeat", run_options.repeat, "run N times: first call and median of the others")
       ->check(CLI::Range(1, 1000000));
+  run_command
+      ->add_option("--executor", run_options.executor,
+                   "TorchScript executor: auto (one-shot for one call, profiling with --repeat or --cuda-graph), "
+                   "profiling or one-shot")
+      ->check(CLI::IsMember({"auto", "profiling", "one-shot"}));
 
   auto* verify_command = app.add_subcommand("verify", "compare a quantized model with its original");
   verify_command->add_option("original", model_path, "original TorchScript model")->required();
@@ -719,15 +778,15 @@ int main(int argc, char** argv) {
     return static_cast<int>(ExitCode::Usage);
   }
   // Every command runs the model once or a few times (calibration, run, verify), except `run
-  // --repeat N` and `run --cuda-graph`, which measure or capture the optimised steady state.
-  const bool steady_state_run = run_command->parsed() && (run_options.repeat > 1 || run_options.cuda_graph);
-  if (!steady_state_run) use_one_shot_executor();
+  // --repeat N` and `run --cuda-graph`, which measure or capture the optimised steady state
+  // (`run --executor` chooses explicitly).
+  const bool profiling_run = run_command->parsed() && run_options.profiling_executor();
+  if (!profiling_run) use_one_shot_executor();
   try {
     if (list->parsed()) return list_or_dry_run(load_model(model_path), list_flags.resolve(*list), json);
     if (quantize_command->parsed()) return quantize(quantize_arguments, quantize_flags.resolve(*quantize_command));
     if (sensitivity_command->parsed()) {
-      return sensitivity(model_path, sensitivity_calibration, inputs_path, json_path, sensitivity_device,
-                         sensitivity_flags.resolve(*sensitivity_command));
+      return sensitivity(sensitivity_arguments, sensitivity_flags.resolve(*sensitivity_command));
     }
     if (run_command->parsed()) return run(model_path, inputs_path, save_path, run_options);
     if (verify_command->parsed()) return verify(model_path, quantized_path, inputs_path, json_path, rows, verify_device);

@@ -77,15 +77,6 @@ std::pair<int64_t, int64_t> group_bytes(const std::vector<std::string>& paths,
   return {bf16, w4a8};
 }
 
-// K = 0, 1, ..., 16, then doubling, and the number of groups.
-std::vector<int64_t> curve_points(int64_t groups) {
-  std::vector<int64_t> points;
-  for (int64_t k = 0; k <= std::min<int64_t>(16, groups); ++k) points.push_back(k);
-  for (int64_t k = 32; k < groups; k *= 2) points.push_back(k);
-  if (points.back() != groups) points.push_back(groups);
-  return points;
-}
-
 nlohmann::json group_json(const TargetGroup& group) {
   return {{"name", group.name},
           {"component", component_name(group.component)},
@@ -94,6 +85,49 @@ nlohmann::json group_json(const TargetGroup& group) {
 }
 
 }  // namespace
+
+std::vector<int64_t> default_curve_points(int64_t groups) {
+  std::vector<int64_t> points;
+  for (int64_t k = 0; k <= std::min<int64_t>(16, groups); ++k) points.push_back(k);
+  for (int64_t k = 32; k < groups; k *= 2) points.push_back(k);
+  if (points.back() != groups) points.push_back(groups);
+  return points;
+}
+
+void check_curve_points(const std::vector<int64_t>& points, int64_t groups) {
+  for (int64_t keep : points) {
+    if (keep < 0 || keep > groups) {
+      throw UserError(fmt::format("--curve {}: a point is a number of groups kept float, 0 to {}", keep, groups),
+                      ExitCode::Usage);
+    }
+  }
+}
+
+void check_quantizes_exactly(const torch::jit::Module& quantized, const std::vector<std::string>& targets,
+                             const std::string& quantized_path) {
+  const std::set<std::string> target_set(targets.begin(), targets.end());
+  std::set<std::string> quantized_layers;
+  for (const auto& item : quantized.named_modules()) {
+    if (is_quantized_linear(item.value)) quantized_layers.insert(item.name);
+  }
+  const std::string fix =
+      "give the model `duquant quantize` wrote from this model with the same OPENPI_DUQUANT_* selection (and no "
+      "--keep-float), or --calib to quantize here";
+  for (const auto& path : targets) {
+    if (!quantized_layers.count(path)) {
+      throw UserError(fmt::format("'{}' leaves target '{}' in floating point ({} of the {} targets are W4A8); {}",
+                                  quantized_path, path, quantized_layers.size(), targets.size(), fix),
+                      ExitCode::Usage);
+    }
+  }
+  for (const auto& path : quantized_layers) {
+    if (!target_set.count(path)) {
+      throw UserError(fmt::format("'{}' quantizes '{}', which is not a target of this selection; {}", quantized_path,
+                                  path, fix),
+                      ExitCode::Usage);
+    }
+  }
+}
 
 std::vector<TargetGroup> target_groups(const std::vector<std::string>& targets) {
   static const std::regex layer_index(R"((?:^|\.)layers\.(\d+)(?:\.|$))");
@@ -135,26 +169,32 @@ torch::jit::Module with_quantized_layers(const torch::jit::Module& original, con
 
 SensitivityResult measure_sensitivity(const torch::jit::Module& original, const torch::jit::Module& quantized,
                                       const std::vector<std::string>& targets,
-                                      const std::vector<Observation>& evaluation, bool with_curve,
+                                      const std::vector<Observation>& evaluation,
+                                      const std::vector<int64_t>& curve_points,
                                       const SensitivityCallback& progress) {
   torch::NoGradGuard no_grad;
   UnoptimizedExecutor executor;
   if (evaluation.empty()) throw UserError("sensitivity needs evaluation inputs (--inputs FILE)", ExitCode::Usage);
+  const auto groups = target_groups(targets);
+  const auto group_count = static_cast<int64_t>(groups.size());
+  check_curve_points(curve_points, group_count);
   const auto start = std::chrono::steady_clock::now();
   SensitivityResult result;
   result.evaluation_observations = static_cast<int64_t>(evaluation.size());
-  const auto groups = target_groups(targets);
   const auto originals = modules_by_path(original);
   const auto quantized_modules = modules_by_path(quantized);
-  const size_t total = groups.size() + 1 + (with_curve ? curve_points(static_cast<int64_t>(groups.size())).size() : 0);
+  // K = 0 is the every-group forward and K = all groups is the float model: neither runs again.
+  const auto needs_forward = [&](int64_t keep) { return keep != 0 && keep != group_count; };
+  const size_t total = groups.size() + 1 +
+                       static_cast<size_t>(std::count_if(curve_points.begin(), curve_points.end(), needs_forward));
   size_t done = 0;
-  auto report = [&](const std::string& what) {
-    if (progress) progress(what, ++done, total);
+  auto report = [&](const std::string& what, double error) {
+    if (progress) progress(what, error, ++done, total);
   };
 
   const auto exact = evaluation_outputs(original, evaluation);
   result.all_quantized_error = relative_l2(evaluation_outputs(quantized, evaluation), exact);
-  report("all groups quantized");
+  report("all groups quantized", result.all_quantized_error);
   for (const auto& group : groups) {
     GroupSensitivity sensitivity;
     sensitivity.group = group;
@@ -162,35 +202,37 @@ SensitivityResult measure_sensitivity(const torch::jit::Module& original, const 
     sensitivity.end_to_end_error =
         relative_l2(evaluation_outputs(with_quantized_layers(original, quantized, paths), evaluation), exact);
     std::tie(sensitivity.bf16_bytes, sensitivity.w4a8_bytes) = group_bytes(group.paths, originals, quantized_modules);
+    report(group.name, sensitivity.end_to_end_error);
     result.ranked.push_back(std::move(sensitivity));
-    report(group.name);
   }
   // Worst first; ties keep model order.
   std::stable_sort(result.ranked.begin(), result.ranked.end(), [](const GroupSensitivity& a, const GroupSensitivity& b) {
     return a.end_to_end_error > b.end_to_end_error;
   });
 
-  if (with_curve) {
-    for (int64_t keep : curve_points(static_cast<int64_t>(groups.size()))) {
-      KeptFloatPoint point;
-      point.kept_groups = keep;
-      std::set<std::string> quantized_paths(targets.begin(), targets.end());
-      for (int64_t r = 0; r < keep; ++r) {
-        for (const auto& path : result.ranked[static_cast<size_t>(r)].group.paths) quantized_paths.erase(path);
-        point.kept_layers += static_cast<int64_t>(result.ranked[static_cast<size_t>(r)].group.paths.size());
-      }
-      for (size_t r = 0; r < result.ranked.size(); ++r) {
-        point.target_bytes += static_cast<int64_t>(r) < keep ? result.ranked[r].bf16_bytes : result.ranked[r].w4a8_bytes;
-      }
-      point.end_to_end_error =
-          keep == 0 ? result.all_quantized_error
-                    : relative_l2(evaluation_outputs(with_quantized_layers(original, quantized, quantized_paths),
-                                                     evaluation),
-                                  exact);
-      result.curve.push_back(point);
-      report(fmt::format("{} worst groups kept float", keep));
+  for (int64_t keep : curve_points) {
+    KeptFloatPoint point;
+    point.kept_groups = keep;
+    std::set<std::string> quantized_paths(targets.begin(), targets.end());
+    for (int64_t r = 0; r < keep; ++r) {
+      for (const auto& path : result.ranked[static_cast<size_t>(r)].group.paths) quantized_paths.erase(path);
+      point.kept_layers += static_cast<int64_t>(result.ranked[static_cast<size_t>(r)].group.paths.size());
     }
+    for (size_t r = 0; r < result.ranked.size(); ++r) {
+      point.target_bytes += static_cast<int64_t>(r) < keep ? result.ranked[r].bf16_bytes : result.ranked[r].w4a8_bytes;
+    }
+    if (keep == 0) {
+      point.end_to_end_error = result.all_quantized_error;
+    } else if (keep == group_count) {
+      point.end_to_end_error = 0.0;
+    } else {
+      point.end_to_end_error = relative_l2(
+          evaluation_outputs(with_quantized_layers(original, quantized, quantized_paths), evaluation), exact);
+      report(fmt::format("{} worst groups kept float", keep), point.end_to_end_error);
+    }
+    result.curve.push_back(point);
   }
+  result.forwards = static_cast<int64_t>((done + 1) * evaluation.size());
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
@@ -201,6 +243,7 @@ nlohmann::json sensitivity_json(const SensitivityResult& result, const std::stri
   json["metric"] = "relative L2 of the model outputs (actions) against the float model, evaluation inputs";
   json["evaluation_observations"] = result.evaluation_observations;
   json["all_quantized_relative_l2"] = result.all_quantized_error;
+  json["forwards"] = result.forwards;
   json["seconds"] = result.seconds;
   json["ranking"] = nlohmann::json::array();
   for (size_t r = 0; r < result.ranked.size(); ++r) {

@@ -202,7 +202,7 @@ TEST(Sensitivity, RanksADeliberatelyHardGroupFirst) {
   const auto decisions = select_linears(model, SelectionRules::from_config(config));
   const auto targets = targets_of(decisions);
   const auto quantized = quantize_model(model, decisions, QuantizeRecipe::from_config(config), observations);
-  const auto result = measure_sensitivity(model, quantized.model, targets, evaluation, true);
+  const auto result = measure_sensitivity(model, quantized.model, targets, evaluation, default_curve_points(36));
   ASSERT_EQ(result.ranked.size(), 36u);
   std::printf("[sensitivity] worst: %s %.3e, second: %s %.3e, all quantized %.3e\n",
               result.ranked[0].group.name.c_str(), result.ranked[0].end_to_end_error,
@@ -226,6 +226,82 @@ TEST(Sensitivity, RanksADeliberatelyHardGroupFirst) {
   EXPECT_EQ(result.curve.front().target_bytes, all_w4a8);
   EXPECT_EQ(result.curve.back().target_bytes, all_bf16);
   EXPECT_EQ(result.curve[1].target_bytes, all_w4a8 - result.ranked[0].w4a8_bytes + result.ranked[0].bf16_bytes);
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream file(path);
+  EXPECT_TRUE(file.good()) << path;
+  return nlohmann::json::parse(file);
+}
+
+// `sensitivity --quantized Q` ranks with the model `duquant quantize` wrote instead of quantizing
+// again (on the full-size pi0 that saves a 40-minute quantize): the same errors as quantizing in
+// place, only the curve points asked for, and a model of another selection refused.
+TEST(Sensitivity, OfASavedQuantizedModelMatchesQuantizingInPlace) {
+  const auto model = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model);
+  const auto directory = testing::temporary_directory("sensitivity_saved");
+  // Expert layer 9 alone: two groups (attention, MLP) keep the four runs short.
+  const std::string environment = "OPENPI_DUQUANT_EXCLUDE='" + kNoteExclude +
+                                  "' OPENPI_DUQUANT_SCOPE='paligemma_with_expert.gemma_expert.model.layers.9.'";
+  const std::string calibration = " --calib " + testing::fixture(kCalibration + "/obs_000.inputs.pt") + " --calib " +
+                                  testing::fixture(kCalibration + "/obs_001.inputs.pt");
+  const std::string recipe = " --rotation-steps 64 --weight-rounding nearest";
+  const std::string held_out = " --inputs " + testing::fixture(kHeldOut);
+  const auto quantized = directory + "/q.pt";
+
+  const auto in_place = testing::run_cli(
+      "sensitivity " + model + calibration + held_out + recipe + " --curve 0,1,2 --json " + directory + "/a.json",
+      environment);
+  ASSERT_EQ(in_place.exit_code, 0) << in_place.output;
+  const auto quantize = testing::run_cli("quantize " + model + " -o " + quantized + calibration + recipe, environment);
+  ASSERT_EQ(quantize.exit_code, 0) << quantize.output;
+  const auto saved = testing::run_cli(
+      "sensitivity " + model + " --quantized " + quantized + held_out + " --curve 1 --json " + directory + "/b.json",
+      environment);
+  ASSERT_EQ(saved.exit_code, 0) << saved.output;
+  EXPECT_NE(saved.output.find("[DUQUANT] quantized layers from " + quantized), std::string::npos) << saved.output;
+  // One progress line per forward: every group quantized, 2 groups, the K = 1 point.
+  EXPECT_NE(saved.output.find("[DUQUANT][SENSITIVITY]   4/4 1 worst groups kept float"), std::string::npos)
+      << saved.output;
+
+  const auto expected = read_json(directory + "/a.json");
+  const auto actual = read_json(directory + "/b.json");
+  ASSERT_EQ(actual["ranking"].size(), 2u);
+  ASSERT_EQ(expected["ranking"].size(), 2u);
+  auto close = [](double a, double b) { return std::abs(a - b) <= 1e-6 * std::max(std::abs(a), std::abs(b)); };
+  EXPECT_TRUE(close(actual["all_quantized_relative_l2"], expected["all_quantized_relative_l2"]));
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(actual["ranking"][r]["name"], expected["ranking"][r]["name"]);
+    EXPECT_TRUE(close(actual["ranking"][r]["relative_l2_only_this_group_quantized"],
+                      expected["ranking"][r]["relative_l2_only_this_group_quantized"]))
+        << actual["ranking"][r].dump() << " vs " << expected["ranking"][r].dump();
+    EXPECT_EQ(actual["ranking"][r]["w4a8_bytes"], expected["ranking"][r]["w4a8_bytes"]);
+  }
+  ASSERT_EQ(actual["kept_float_curve"].size(), 1u);
+  ASSERT_EQ(expected["kept_float_curve"].size(), 3u);
+  EXPECT_EQ(actual["kept_float_curve"][0]["kept_groups"], 1);
+  EXPECT_TRUE(close(actual["kept_float_curve"][0]["relative_l2"], expected["kept_float_curve"][1]["relative_l2"]));
+  // K = 0 is the every-group forward and K = 2 (all groups) the float model: no extra forward.
+  EXPECT_EQ(expected["forwards"], 5);
+  EXPECT_EQ(expected["kept_float_curve"][2]["relative_l2"], 0.0);
+
+  // Refused: a model quantized with another selection, both sources, a point beyond the groups.
+  const auto other_scope = testing::run_cli("sensitivity " + model + " --quantized " + quantized + held_out,
+                                            "OPENPI_DUQUANT_EXCLUDE='" + kNoteExclude +
+                                                "' OPENPI_DUQUANT_SCOPE='paligemma_with_expert.gemma_expert.'");
+  EXPECT_EQ(other_scope.exit_code, 2) << other_scope.output;
+  EXPECT_NE(other_scope.output.find("duquant: error: '" + quantized + "' leaves target"), std::string::npos)
+      << other_scope.output;
+  const auto both = testing::run_cli("sensitivity " + model + " --quantized " + quantized + calibration + held_out,
+                                     environment);
+  EXPECT_EQ(both.exit_code, 2) << both.output;
+  EXPECT_NE(both.output.find("--calib and --quantized both given"), std::string::npos) << both.output;
+  const auto beyond = testing::run_cli("sensitivity " + model + " --quantized " + quantized + held_out + " --curve 3",
+                                       environment);
+  EXPECT_EQ(beyond.exit_code, 2) << beyond.output;
+  EXPECT_NE(beyond.output.find("--curve 3: a point is a number of groups kept float, 0 to 2"), std::string::npos)
+      << beyond.output;
 }
 
 std::string line_starting(const std::string& text, const std::string& prefix) {

@@ -173,7 +173,7 @@ TEST(Cli, RunCudaGraphWithoutAGpuIsRefused) {
                         "--cuda-graph needs a CUDA device and none is available");
 }
 
-TEST(Cli, RunRepeatReportsFirstCallAndMedianOfTheRest) {
+TEST(Cli, RunRepeatReportsTheFirstCallsAndTheMedianOfTheRest) {
   const auto model = fixture("pi0_tiny_script.pt");
   testing::require_fixture(model);
   const auto result = run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --repeat 2");
@@ -183,7 +183,18 @@ TEST(Cli, RunRepeatReportsFirstCallAndMedianOfTheRest) {
       << result.output;
   EXPECT_TRUE(std::regex_search(
       result.output, std::regex(R"(\[DUQUANT\] 2 calls: first [0-9.]+ ms, then median [0-9.]+ ms \(min [0-9.]+, max [0-9.]+\) over 1 call\n)")))
+      << result.output;  // --repeat keeps the profiling executor; --executor one-shot times the first three calls without it.
+  EXPECT_TRUE(std::regex_search(result.output,
+                                std::regex(R"(\[DUQUANT\] profiling executor, calls 1: [0-9.]+ ms, 2: [0-9.]+ ms\n)")))
       << result.output;
+  const auto one_shot =
+      run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --repeat 3 --executor one-shot");
+  ASSERT_EQ(one_shot.exit_code, 0) << one_shot.output;
+  EXPECT_TRUE(std::regex_search(
+      one_shot.output, std::regex(R"(\[DUQUANT\] one-shot executor, calls 1: [0-9.]+ ms, 2: [0-9.]+ ms, 3: [0-9.]+ ms\n)")))
+      << one_shot.output;
+  expect_one_line_error(run_cli("run " + model + " --inputs " + fixture("pi0_tiny.inputs.pt") + " --executor jit"), 2,
+                        "--executor");
 }
 
 // duquant_bench (next to the CLI in the build directory): the end-to-end comparison needs all three

@@ -52,19 +52,35 @@ struct SensitivityResult {
   double all_quantized_error = 0;        // every target quantized
   std::vector<KeptFloatPoint> curve;     // empty unless asked for
   int64_t evaluation_observations = 0;
+  int64_t forwards = 0;  // model forwards on the evaluation inputs, the float model's included
   double seconds = 0;
 };
 
-// Progress: what is being evaluated, done, total.
-using SensitivityCallback = std::function<void(const std::string& what, size_t done, size_t total)>;
+// Progress after each evaluation: what was evaluated, its end-to-end error, done, total.
+using SensitivityCallback =
+    std::function<void(const std::string& what, double end_to_end_error, size_t done, size_t total)>;
 
-// `quantized` is `original` with every target W4A8 (quantize_model's result). Errors are relative
-// L2 of all outputs of `evaluation` stacked, against the float model's. With `with_curve`, also the
-// error with the K worst groups kept float, for K = 0..16 and then doubling, up to all groups.
+// The curve's default points: K = 0, 1, ..., 16, then doubling, and the number of groups.
+std::vector<int64_t> default_curve_points(int64_t groups);
+
+// UserError (usage) unless every point is a number of groups from 0 to `groups`.
+void check_curve_points(const std::vector<int64_t>& points, int64_t groups);
+
+// `quantized` is `original` with every target W4A8 (quantize_model's result, or the model that
+// `duquant quantize` wrote with the same selection). Errors are relative L2 of all outputs of
+// `evaluation` stacked, against the float model's. `curve_points`: the K of the error with the K
+// worst groups kept float (each in 0..groups; empty: no curve). One forward per group, one with
+// every group quantized and one per K other than 0 and all groups.
 SensitivityResult measure_sensitivity(const torch::jit::Module& original, const torch::jit::Module& quantized,
                                       const std::vector<std::string>& targets,
-                                      const std::vector<Observation>& evaluation, bool with_curve,
+                                      const std::vector<Observation>& evaluation,
+                                      const std::vector<int64_t>& curve_points,
                                       const SensitivityCallback& progress = {});
+
+// Checks that `quantized` has a W4A8 layer at every target and at no other path, so that its
+// "every group quantized" forward is the selection's; UserError (usage) naming the first mismatch.
+void check_quantizes_exactly(const torch::jit::Module& quantized, const std::vector<std::string>& targets,
+                             const std::string& quantized_path);
 
 // `original` with the W4A8 layers of `quantized` at `paths` swapped in (tensors shared).
 torch::jit::Module with_quantized_layers(const torch::jit::Module& original, const torch::jit::Module& quantized,
