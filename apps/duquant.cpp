@@ -275,7 +275,9 @@ int quantize(QuantizeArguments arguments, Config config) {
                              "rotation/clipping searches{})\n",
                              observations.size(), recipe.observed_rows(), recipe.calibration_rows,
                              recipe.weight_rounding == WeightRounding::Gptq
-                                 ? fmt::format(", {} for GPTQ's Hessian", recipe.gptq_rows)
+                                 ? fmt::format(", {} for GPTQ's Hessian on inputs over {} wide; narrower "
+                                               "inputs sum it over every token",
+                                               recipe.gptq_rows, recipe.gptq_hessian_width)
                                  : "");
   }
   auto result = quantize_model(model, decisions, recipe, observations,

@@ -15,7 +15,9 @@ std::vector<ScriptModuleClass::Attribute> observer_attributes() {
   auto tensor = c10::TensorType::get();
   return {{"weight", tensor, true},  {"bias", tensor, true},  {"has_bias", c10::BoolType::get()},
           {"absmax", tensor, true},  {"sample", tensor, true}, {"sample_limit", c10::IntType::get()},
-          {"tokens", c10::IntType::get()}, {"stride", c10::IntType::get()}};
+          {"tokens", c10::IntType::get()}, {"stride", c10::IntType::get()},
+          {"hessian", tensor, true}, {"sums_hessian", c10::BoolType::get()}, {"previous_input", tensor, true},
+          {"calls", c10::IntType::get()}, {"hessian_calls", c10::IntType::get()}};
 }
 
 // The row sample is bounded and uniform over every token of every call: it keeps the tokens whose
@@ -24,6 +26,13 @@ std::vector<ScriptModuleClass::Attribute> observer_attributes() {
 // steps, and every observation of a many-observation calibration, are covered evenly from first
 // to last, whatever the limit. Rows are kept in the input's own dtype (exact, and half the memory
 // of float32 for a bf16 model).
+// The Hessian sums x^T x of every token in float32: GPTQ then fits every calibration token, not
+// just the sample (a 2048-wide input sampled at 2048 rows has H nearly singular, and GPTQ overfits
+// those rows). q/k/v (and gate/up) are called one after the other on one input, so the observers
+// share `previous_input`, the column sums of the last input summed by any of them: an observer
+// whose input equals it skips, and only the first of a shared input pays the K x K memory and the
+// T K^2 product. An observer that skipped on some calls and summed on others has an incomplete
+// Hessian and reports none (its layer falls back to the row sample).
 constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.size(-1))
     self.absmax = torch.maximum(self.absmax, torch.amax(torch.abs(flat), [0], False).float())
     first = (self.stride - self.tokens % self.stride) % self.stride
@@ -32,6 +41,16 @@ constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.
     while self.sample.size(0) > self.sample_limit:
         self.sample = self.sample[::2]
         self.stride = self.stride * 2
+    self.calls = self.calls + 1
+    if self.sums_hessian:
+        rows = flat.float()
+        column_sums = torch.sum(rows, [0])
+        if not torch.equal(self.previous_input, column_sums):
+            self.previous_input.resize_([column_sums.size(0)]).copy_(column_sums)
+            if self.hessian.numel() == 0:
+                self.hessian = torch.zeros([rows.size(1), rows.size(1)], dtype=rows.dtype, device=rows.device)
+            self.hessian.addmm_(rows.t(), rows)
+            self.hessian_calls = self.hessian_calls + 1
     bias: Optional[Tensor] = None
     if self.has_bias:
         bias = self.bias
@@ -47,13 +66,13 @@ std::string parent_path(const std::string& path) {
 
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets, const ModelInputs& inputs,
-                                                 int64_t sample_rows, const torch::Device& device) {
-  return calibrate(model, targets, std::vector<Observation>{{"", inputs}}, sample_rows, {}, device);
+                                                 const ObserverLimits& limits, const torch::Device& device) {
+  return calibrate(model, targets, std::vector<Observation>{{"", inputs}}, limits, {}, device);
 }
 
 std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model,
                                                  const std::vector<std::string>& targets,
-                                                 const std::vector<Observation>& observations, int64_t sample_rows,
+                                                 const std::vector<Observation>& observations, const ObserverLimits& limits,
                                                  const ObservationCallback& on_observation,
                                                  const torch::Device& device) {
   ScriptModuleClass observer_class(model._ivalue()->compilation_unit(), kObserverTypeName, observer_attributes(),
@@ -61,6 +80,7 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
   std::map<std::string, torch::jit::Module> observers;
   std::map<std::string, torch::jit::Module> modules;
   for (const auto& item : model.named_modules()) modules.emplace(item.name, item.value);
+  const auto previous_input = torch::zeros({0});  // shared by every summing observer (see above)
   for (const auto& path : targets) {
     const auto& linear = modules.at(path);
     const auto weight = linear.attr("weight").toTensor();
@@ -71,7 +91,8 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                 {weight, bias.defined() ? bias : torch::empty({0}, weight.options()),
                                  bias.defined(), torch::zeros({in_features}),
                                  torch::zeros({0, in_features}, weight.options().requires_grad(false)),
-                                 sample_rows, int64_t{0}, int64_t{1}}));
+                                 limits.sample_rows, int64_t{0}, int64_t{1}, torch::zeros({0, 0}),
+                                 in_features <= limits.hessian_max_features, previous_input, int64_t{0}, int64_t{0}}));
   }
   auto observing = replace_submodules(model, observers);
   // Unchanged submodules are shared with `model`, so moving the observing copy moves them too;
@@ -100,6 +121,8 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     stats.absmax = observer.attr("absmax").toTensor();
     stats.sample = observer.attr("sample").toTensor();
     stats.tokens = observer.attr("tokens").toInt();
+    const int64_t calls = observer.attr("calls").toInt();
+    if (calls > 0 && observer.attr("hessian_calls").toInt() == calls) stats.hessian = observer.attr("hessian").toTensor();
     statistics.emplace(path, std::move(stats));
   }
   if (moved) observing.to(torch::kCPU);

@@ -56,8 +56,11 @@ Config Config::defaults() {
   add("calib-rows", "", "256", "calibration token rows the rotation and clipping searches learn from, per layer");
   add("weight-rounding", "", "gptq", "int4 levels on the clipping grids: gptq (arXiv 2210.17323) or nearest");
   add("gptq-rows", "", "2048", "calibration token rows kept per layer for GPTQ's Hessian (1 in 8 held out)");
+  add("gptq-hessian-width", "", "4096",
+      "inputs up to this wide sum GPTQ's Hessian over every calibration token (K x K float32 each); wider ones "
+      "use the gptq-rows sample; 0: the sample for all");
   add("gptq-dampening", "", "0.01", "GPTQ dampening, a fraction of mean diag(H) added to the diagonal");
-  add("gptq-act-order", "", "0", "1: GPTQ rounds columns by decreasing diag(H) (activation order)");
+  add("gptq-act-order", "", "1", "1: GPTQ rounds columns by decreasing diag(H) (activation order); 0: in column order");
   add("seed", "", "0", "seed of the random orthogonal matrices");
   return config;
 }

@@ -19,10 +19,15 @@ constexpr int kDampeningAttempts = 6;
 
 GptqFactor gptq_factor(const torch::Tensor& rows, const GptqOptions& options) {
   TORCH_CHECK(rows.dim() == 2 && rows.size(0) > 0, "duquant: GPTQ needs [T, K] calibration rows, got ", rows.sizes());
-  TORCH_CHECK(options.dampening > 0, "duquant: GPTQ dampening must be positive, got ", options.dampening);
   const auto x = rows.detach().to(torch::kFloat);
-  const int64_t k = x.size(1);
-  auto hessian = x.t().matmul(x);
+  return gptq_factor_of_hessian(x.t().matmul(x), options);
+}
+
+GptqFactor gptq_factor_of_hessian(torch::Tensor hessian, const GptqOptions& options) {
+  TORCH_CHECK(hessian.dim() == 2 && hessian.size(0) == hessian.size(1) && hessian.scalar_type() == torch::kFloat,
+              "duquant: GPTQ needs a square float32 Hessian, got ", hessian.sizes(), " ", hessian.scalar_type());
+  TORCH_CHECK(options.dampening > 0, "duquant: GPTQ dampening must be positive, got ", options.dampening);
+  const int64_t k = hessian.size(0);
   auto diagonal = hessian.diagonal();
   // A column no row ever touches (zero padding without rotation, a dead channel) has no
   // curvature: a unit diagonal keeps H invertible and makes that column round to nearest
@@ -35,7 +40,7 @@ GptqFactor gptq_factor(const torch::Tensor& rows, const GptqOptions& options) {
     factor.order = std::get<1>(diagonal.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
     hessian = hessian.index_select(0, factor.order).index_select(1, factor.order);
   } else {
-    factor.order = torch::arange(k, x.options().dtype(torch::kLong));
+    factor.order = torch::arange(k, hessian.options().dtype(torch::kLong));
   }
   // Dampening goes onto the diagonal in place: for a 16384-wide input H is 1 GiB in float32, and
   // no second K x K matrix (an identity, a dampened copy) is made next to it.

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "duquant/calibrate.h"
@@ -83,6 +84,24 @@ class OutputErrorProbe {
   torch::Tensor rows_, reference_;
 };
 
+// The same error from a Hessian H = X^T X instead of the rows X: ||X D^T||^2 = sum((D H) * D), so
+// the error over every token GPTQ fitted is measured without keeping those tokens.
+class HessianErrorProbe {
+ public:
+  HessianErrorProbe(const torch::Tensor& hessian, const torch::Tensor& weight)
+      : hessian_(hessian), weight_(weight), reference_(squared_norm(weight)) {}
+  double operator()(const torch::Tensor& dequantized) const {
+    return std::sqrt(squared_norm(dequantized - weight_) / reference_);
+  }
+
+ private:
+  double squared_norm(const torch::Tensor& difference) const {
+    return (difference.matmul(hessian_) * difference).sum().to(torch::kDouble).item<double>();
+  }
+  torch::Tensor hessian_, weight_;
+  double reference_ = 0;
+};
+
 }  // namespace
 
 QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector<LinearDecision>& decisions,
@@ -136,7 +155,9 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   WeightQuantOptions weight_options = recipe.weights;
   if (calibration) {
     StageTimer timer(result.stages, Stage::Calibration);
-    statistics = calibrate(model, targets, observations, result.observed_row_limit, on_observation, device);
+    statistics = calibrate(model, targets, observations,
+                           ObserverLimits(result.observed_row_limit, recipe.hessian_max_features()), on_observation,
+                           device);
     groups = shared_input_groups(targets, statistics);
   } else {
     transform_options.alpha = 1.0;
@@ -155,6 +176,11 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   size_t done = 0;
   for (const auto& group : groups) {
     const auto stats = statistics.at(group.front());
+    // The one observer of the group that summed the Hessian over every token, if any (calibrate.h).
+    torch::Tensor hessian;
+    for (const auto& path : group) {
+      if (statistics.at(path).hessian.defined()) hessian = statistics.at(path).hessian;
+    }
     // The statistics of this group are not needed again: free them as we go, so the observed rows
     // (up to gptq-rows per layer) shrink while the quantized layers grow.
     for (const auto& path : group) statistics.erase(path);
@@ -178,13 +204,26 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     };
     const auto transformed_search = online(search_rows);
     const auto transformed_held_out = online(split.held_out);
-    // GPTQ's rows and the factor of their Hessian: one per shared input (q/k/v, gate/up).
-    torch::Tensor transformed_gptq;
+    // GPTQ's Hessian and its factor: one per shared input (q/k/v, gate/up). From every calibration
+    // token but the held-out rows where the observers summed it (H - X_h^T X_h, then transformed:
+    // x~ = x A for the linear online transform, so H~ = A^T H A = online(online(H)^T), block
+    // rotations applied to rows and columns, never a dense A); else from the sampled fit rows.
+    torch::Tensor transformed_gptq, transformed_hessian;
+    int64_t gptq_rows = 0;
     GptqFactor factor;
     if (gptq) {
       StageTimer timer(result.stages, Stage::Rounding);
-      transformed_gptq = online(uniform_rows(split.fit, recipe.gptq_rows));
-      factor = gptq_factor(transformed_gptq, recipe.gptq);
+      if (hessian.defined()) {
+        auto fit_hessian = hessian.to(device);
+        if (split.held_out.size(0) > 0) fit_hessian = fit_hessian - split.held_out.t().matmul(split.held_out);
+        transformed_hessian = online(online(fit_hessian).t().contiguous());
+        gptq_rows = stats.tokens - split.held_out.size(0);
+        factor = gptq_factor_of_hessian(transformed_hessian.clone(), recipe.gptq);
+      } else {
+        transformed_gptq = online(uniform_rows(split.fit, recipe.gptq_rows));
+        gptq_rows = transformed_gptq.size(0);
+        factor = gptq_factor(transformed_gptq, recipe.gptq);
+      }
     }
 
     for (size_t i = 0; i < group.size(); ++i) {
@@ -241,7 +280,8 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
         const auto dequantized = dequantize_weight(quantized).to(device);
         const OutputErrorProbe held_out_error(transformed_held_out, transformed_weight);
         report.weight_output_error = held_out_error(dequantized);
-        const OutputErrorProbe fit_error(transformed_gptq, transformed_weight);
+        std::function<double(const torch::Tensor&)> fit_error = OutputErrorProbe(transformed_gptq, transformed_weight);
+        if (transformed_hessian.defined()) fit_error = HessianErrorProbe(transformed_hessian, transformed_weight);
         report.fit_output_error = fit_error(dequantized);
         if (gptq) {
           const auto nearest_dequantized = dequantize_weight(nearest).to(device);
@@ -255,7 +295,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       report.gptq_dampening = gptq ? factor.dampening : 0.0;
       report.mean_clip_ratio = quantized.mean_clip_ratio;
       report.calibration_rows = search_rows.size(0);
-      report.gptq_rows = transformed_gptq.defined() ? transformed_gptq.size(0) : 0;
+      report.gptq_rows = gptq_rows;
       report.heldout_rows = split.held_out.defined() ? split.held_out.size(0) : 0;
       report.calibration_tokens = stats.tokens;
       report.layer_output_error = std::numeric_limits<double>::quiet_NaN();

@@ -97,6 +97,8 @@ QuantizeRecipe QuantizeRecipe::from_config(const Config& config) {
   }
   recipe.gptq_rows = config.get_int("gptq-rows");
   if (recipe.gptq_rows < 1) throw UserError("gptq-rows must be at least 1", ExitCode::Usage);
+  recipe.gptq_hessian_width = config.get_int("gptq-hessian-width");
+  if (recipe.gptq_hessian_width < 0) throw UserError("gptq-hessian-width must be 0 or more", ExitCode::Usage);
   recipe.gptq.dampening = config.get_double("gptq-dampening");
   if (!(recipe.gptq.dampening > 0 && recipe.gptq.dampening <= 10)) {
     throw UserError(fmt::format("gptq-dampening = {} must be in (0, 10] (a fraction of mean diag(H))",
@@ -113,6 +115,10 @@ std::string weight_rounding_name(WeightRounding rounding) {
 
 int64_t QuantizeRecipe::observed_rows() const {
   return weight_rounding == WeightRounding::Gptq ? std::max(calibration_rows, gptq_rows) : calibration_rows;
+}
+
+int64_t QuantizeRecipe::hessian_max_features() const {
+  return weight_rounding == WeightRounding::Gptq ? gptq_hessian_width : 0;
 }
 
 int64_t QuantizeRecipe::weight_bits(const std::string& path) const {

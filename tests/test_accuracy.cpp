@@ -17,6 +17,7 @@
 #include "duquant/calibrate.h"
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
+#include "duquant/ops.h"
 #include "duquant/quantize_model.h"
 #include "duquant/select.h"
 #include "duquant/sensitivity.h"
@@ -62,9 +63,12 @@ TEST(ManyObservations, StatisticsEqualTheMaxAndUnionOfSingleObservationRuns) {
   const auto targets = targets_of(select_linears(model, SelectionRules::from_config(config)));
   // A row limit above every layer's token count: no stride doubling, so the sample is every row.
   const int64_t unlimited = 1 << 20;
-  const auto together = calibrate(model, targets, observations, unlimited);
+  // Every input sums its Hessian too (the widest tiny input is 1024).
+  const ObserverLimits limits(unlimited, 1 << 20);
+  const auto together = calibrate(model, targets, observations, limits);
   std::vector<std::map<std::string, LayerStatistics>> single;
-  for (const auto& observation : observations) single.push_back(calibrate(model, targets, observation.inputs, unlimited));
+  for (const auto& observation : observations) single.push_back(calibrate(model, targets, observation.inputs, limits));
+  int summing = 0;
   for (const auto& path : targets) {
     const auto& joint = together.at(path);
     auto absmax = single[0].at(path).absmax;
@@ -78,7 +82,16 @@ TEST(ManyObservations, StatisticsEqualTheMaxAndUnionOfSingleObservationRuns) {
     ASSERT_TRUE(torch::equal(joint.absmax, absmax)) << path;
     ASSERT_EQ(joint.tokens, tokens) << path;
     ASSERT_TRUE(torch::equal(joint.sample, torch::cat(rows))) << path;
+    // The Hessian is the sum over every token of every observation: X^T X of the whole sample.
+    if (!joint.hessian.defined()) continue;
+    ++summing;
+    const auto all_rows = joint.sample.to(torch::kDouble);
+    ASSERT_TRUE(torch::allclose(joint.hessian.to(torch::kDouble), all_rows.t().matmul(all_rows), 1e-4, 1e-3)) << path;
   }
+  // One summing observer per shared input: q/k/v and gate/up sum once, o_proj and down_proj alone
+  // (o_proj has the width of q/k/v on the LLM, so width alone cannot tell them apart).
+  EXPECT_EQ(summing, static_cast<int>(shared_input_groups(targets, together).size()));
+  EXPECT_EQ(summing * 7, static_cast<int>(targets.size()) * 4);
   // Under a row budget the sample stays bounded and uniform over all observations' tokens:
   // every stride-th token of the union (the stride a power of two), in order.
   const std::string down = "paligemma_with_expert.gemma_expert.model.layers.3.mlp.down_proj";
@@ -173,6 +186,52 @@ TEST(GptqPipeline, HalvesTheHeldOutActionErrorAndNeverLosesOnItsFitRows) {
   }
   EXPECT_LE(rows[2].end_to_end, 0.5 * rows[0].end_to_end);
   EXPECT_LT(rows[2].median_layer, rows[1].median_layer);
+}
+
+// The Hessian summed over every token during calibration (minus the held-out rows) is the one the
+// sampled rows give when the sample holds every token: GPTQ then chooses the same levels (bar
+// near-ties the summation order can flip) and reports the same fit error. And with the default
+// sample (fewer rows than tokens) it is built from more tokens than the sample has.
+TEST(GptqPipeline, EveryTokenHessianEqualsTheRowsHessianWhenTheSampleHoldsEveryToken) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto model = load_model(model_path);
+  auto observations = load_observations({testing::fixture(kCalibration)});
+  observations.resize(2);
+  const std::map<std::string, std::string> one_layer = {{"scope", "paligemma_with_expert.gemma_expert.model.layers.9."},
+                                                        {"gptq-rows", "1048576"}};
+  auto flags = one_layer;
+  flags["gptq-hessian-width"] = "0";
+  const auto config_rows = test_config(flags);
+  flags["gptq-hessian-width"] = "4096";
+  const auto config_tokens = test_config(flags);
+  const auto decisions = select_linears(model, SelectionRules::from_config(config_rows));
+  const auto from_rows = quantize_model(model, decisions, QuantizeRecipe::from_config(config_rows), observations);
+  const auto from_tokens = quantize_model(model, decisions, QuantizeRecipe::from_config(config_tokens), observations);
+  ASSERT_EQ(from_rows.layers.size(), 7u);
+  for (size_t i = 0; i < from_rows.layers.size(); ++i) {
+    const auto& rows = from_rows.layers[i];
+    const auto& tokens = from_tokens.layers[i];
+    EXPECT_EQ(rows.gptq_rows, tokens.gptq_rows) << rows.path;
+    EXPECT_EQ(tokens.gptq_rows, tokens.calibration_tokens - tokens.heldout_rows) << rows.path;
+    EXPECT_NEAR(rows.fit_output_error, tokens.fit_output_error, 1e-2 * rows.fit_output_error) << rows.path;
+    EXPECT_NEAR(rows.weight_output_error, tokens.weight_output_error, 1e-2 * rows.weight_output_error) << rows.path;
+    const auto levels = [&](const QuantizeResult& result) {
+      for (const auto& item : result.model.named_modules()) {
+        if (item.name == rows.path) return ops::unpack_int4(item.value.attr("packed_weight").toTensor());
+      }
+      return torch::Tensor();
+    };
+    const double same = levels(from_rows).eq(levels(from_tokens)).to(torch::kDouble).mean().item<double>();
+    EXPECT_GT(same, 0.99) << rows.path;
+  }
+
+  auto defaults = test_config({{"scope", one_layer.at("scope")}});
+  const auto sampled = quantize_model(model, decisions, QuantizeRecipe::from_config(defaults), observations);
+  for (const auto& layer : sampled.layers) {
+    EXPECT_EQ(layer.gptq_rows, layer.calibration_tokens - layer.heldout_rows) << layer.path;
+    EXPECT_LE(layer.fit_output_error, layer.nearest_fit_output_error * (1 + 1e-6)) << layer.path;
+  }
 }
 
 // A group made deliberately hard to quantize: in expert MLP layer 9, hidden unit 0 is switched

@@ -18,7 +18,7 @@ namespace duquant {
 struct GptqOptions {
   double dampening = 0.01;        // lambda = dampening * mean(diag H) added to the diagonal (section 4, "dampening")
   int64_t block_columns = 128;    // columns per lazy batch update (section 4, "lazy batch-updates")
-  bool activation_order = false;  // round columns by decreasing diag(H) (the "act-order" heuristic)
+  bool activation_order = true;   // round columns by decreasing diag(H) (the "act-order" heuristic; README: measured)
 };
 
 // What GPTQ needs from the rows: the upper Cholesky factor U of H^-1 (H dampened, in processing
@@ -32,6 +32,10 @@ struct GptqFactor {
 
 // `rows` [T, K]: transformed calibration rows X~ (any float dtype), on the device the work runs on.
 GptqFactor gptq_factor(const torch::Tensor& rows, const GptqOptions& options);
+// From H = X~^T X~ itself (float32 [K, K], symmetric, on the device the work runs on), e.g. summed
+// over every calibration token: only the ratio of the entries matters (dampening is relative),
+// so any positive multiple gives the same factor. `hessian` is used as working memory.
+GptqFactor gptq_factor_of_hessian(torch::Tensor hessian, const GptqOptions& options);
 
 // Rounds `weight` W~ [N, K] on the grid of `grid` (its scale and zero [N, G], group_size; the
 // levels of `grid` are ignored) and packs the levels like quantize_weight. The result has the

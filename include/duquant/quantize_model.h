@@ -35,12 +35,14 @@ struct LayerReport {
   double weight_output_error = 0;  // the rounding used, held-out rows
   double nearest_output_error = 0;  // nearest rounding on the same grids, held-out rows (gptq only, else = above)
   double fit_output_error = 0;     // the rounding used, on the rows GPTQ was fitted to (gptq only, else NaN)
+                                   // (from the Hessian where it was summed over every token)
   double nearest_fit_output_error = 0;  // nearest on those rows (gptq only, else NaN)
   double gptq_dampening = 0;       // relative dampening GPTQ finally used (0: nearest)
   double layer_output_error = 0;   // W4A8 layer vs float layer on the held-out rows
   double mean_clip_ratio = 1;
   int64_t calibration_rows = 0;    // sampled token rows the transform and clipping were learnt from
-  int64_t gptq_rows = 0;           // rows GPTQ's Hessian was built from
+  int64_t gptq_rows = 0;           // token rows GPTQ's Hessian was built from (recipe.h: every token but the
+                                   // held-out rows up to gptq_hessian_width, else the sampled fit rows)
   int64_t heldout_rows = 0;        // rows the errors above are measured on
   int64_t calibration_tokens = 0;  // tokens observed (absmax covers all of them)
 };

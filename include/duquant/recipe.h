@@ -28,9 +28,14 @@ struct QuantizeRecipe {
   WeightRounding weight_rounding = WeightRounding::Gptq;
   GptqOptions gptq;
   int64_t gptq_rows = 2048;                    // rows GPTQ's Hessian is built from (its own budget)
+  // Inputs up to this wide build GPTQ's Hessian from every calibration token instead (summed
+  // during calibration); the LLM down_proj input (16384: 1 GiB per Hessian) stays on the rows.
+  int64_t gptq_hessian_width = 4096;
 
   // Rows each layer's observer keeps: the larger budget of the searches in use.
   int64_t observed_rows() const;
+  // Inputs whose observers also sum the Hessian over every token (0 without GPTQ).
+  int64_t hessian_max_features() const;
 
   // UserError(Usage) for out-of-range values (bits, block not a power of two, ...).
   static QuantizeRecipe from_config(const Config& config);
