@@ -214,7 +214,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     if (gptq) {
       StageTimer timer(result.stages, Stage::Rounding);
       if (hessian.defined()) {
-        auto fit_hessian = hessian.to(device);
+        auto fit_hessian = hessian;  // on `device` already, like every statistic (calibrate.h)
         if (split.held_out.size(0) > 0) fit_hessian = fit_hessian - split.held_out.t().matmul(split.held_out);
         transformed_hessian = online(online(fit_hessian).t().contiguous());
         gptq_rows = stats.tokens - split.held_out.size(0);
