@@ -28,6 +28,7 @@
 #include "duquant/config.h"
 #include "duquant/cuda_graph.h"
 #include "duquant/errors.h"
+#include "duquant/large_block_cache.h"
 #include "duquant/model_io.h"
 #include "duquant/quantize_model.h"
 #include "duquant/recipe.h"
@@ -59,10 +60,12 @@ std::string one_line(const std::string& text) {
 // temporaries -- come from the heap and stay in the process when freed. Over a quantize or a
 // verify, which hold one model and free another's worth of such tensors, that cost up to 5 GiB of
 // peak resident memory on the full-size pi0. A fixed threshold (which also disables the raise)
-// returns every block of 128 KiB or more to the system the moment it is freed.
+// returns every block of 128 KiB or more to the system the moment it is freed -- or, for tensors,
+// the moment the large-block cache gives it back (include/duquant/large_block_cache.h: it keeps a
+// freed block for the next tensor of its size only within the process's own high-water mark).
 void return_large_blocks_to_the_system() {
 #if defined(__GLIBC__)
-  mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  mallopt(M_MMAP_THRESHOLD, static_cast<int>(kLargeBlockBytes));
 #endif
 }
 
@@ -686,6 +689,7 @@ int verify(const std::string& original_path, const std::string& quantized_path, 
 
 int main(int argc, char** argv) {
   return_large_blocks_to_the_system();
+  install_large_block_cache();
   CLI::App app{"duquant: W4A8 DuQuant quantization of TorchScript pi0 models"};
   app.require_subcommand(1);
 

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "duquant/errors.h"
+#include "duquant/magnitude_scan.h"
 #include "duquant/select.h"
 #include "duquant/swap.h"
 #include "duquant/type_names.h"
@@ -25,7 +26,8 @@ std::vector<ScriptModuleClass::Attribute> observer_attributes() {
 // doubles the stride, which leaves exactly the multiples of the new stride. So the 10 expert
 // steps, and every observation of a many-observation calibration, are covered evenly from first
 // to last, whatever the limit. Rows are kept in the input's own dtype (exact, and half the memory
-// of float32 for a bf16 model).
+// of float32 for a bf16 model), and compact: the halving keeps a strided view of its input, which
+// would hold every row of the call alive (4x the kept rows for a prefix of 816 tokens).
 // The Hessian sums x^T x of every token in float32: GPTQ then fits every calibration token, not
 // just the sample (a 2048-wide input sampled at 2048 rows has H nearly singular, and GPTQ overfits
 // those rows). q/k/v (and gate/up) are called one after the other on one input, so the observers
@@ -41,6 +43,7 @@ constexpr const char* kObserverForward = R"(    flat = x.detach().reshape(-1, x.
     while self.sample.size(0) > self.sample_limit:
         self.sample = self.sample[::2]
         self.stride = self.stride * 2
+    self.sample = self.sample.contiguous()
     self.calls = self.calls + 1
     if self.sums_hessian:
         rows = flat.float()
@@ -133,7 +136,7 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
                                   "it from the selection or give inputs that reach it",
                                   path));
     }
-    if (!torch::isfinite(stats.absmax).all().item<bool>()) {
+    if (!all_finite(stats.absmax)) {
       throw UserError(fmt::format("the input of layer '{}' contains NaN or Inf during calibration; check the "
                                   "model weights and the calibration inputs",
                                   path));

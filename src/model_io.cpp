@@ -6,6 +6,7 @@
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <dirent.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,9 +17,11 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <sstream>
 
 #include "duquant/errors.h"
+#include "duquant/magnitude_scan.h"
 
 namespace duquant {
 namespace {
@@ -116,7 +119,7 @@ ModelInputs load_inputs(const std::string& path) {
     const auto value = container.attr(slot);
     if (value.isTensor()) {
       const auto tensor = value.toTensor();
-      if (tensor.is_floating_point() && !torch::isfinite(tensor).all().item<bool>()) {
+      if (!all_finite(tensor)) {
         throw UserError(fmt::format("inputs file '{}': {} contains NaN or Inf; give finite inputs", path,
                                     inputs.names[i]));
       }
@@ -271,6 +274,34 @@ void check_writable(const std::string& path) {
   }
 }
 
+void check_free_space(const std::string& path, uint64_t bytes) {
+  const std::string directory = parent_directory(path);
+  struct statvfs file_system {};
+  if (statvfs(directory.c_str(), &file_system) != 0) return;  // check_writable reports the directory
+  const uint64_t free_bytes = static_cast<uint64_t>(file_system.f_bavail) * file_system.f_frsize;
+  if (free_bytes < bytes) {
+    throw UserError(fmt::format("cannot write '{}': it needs about {:.1f} MiB and '{}' has {:.1f} MiB free; free "
+                                "some disk space or write elsewhere",
+                                path, bytes / 1048576.0, directory, free_bytes / 1048576.0));
+  }
+}
+
+uint64_t tensor_bytes(const torch::jit::Module& model) {
+  std::set<const void*> seen;
+  uint64_t bytes = 0;
+  const auto add = [&](const torch::Tensor& tensor) {
+    if (tensor.defined() && tensor.has_storage() && seen.insert(tensor.storage().data()).second) {
+      bytes += tensor.storage().nbytes();
+    }
+  };
+  for (const auto& parameter : model.parameters()) add(parameter);
+  for (const auto& buffer : model.buffers()) add(buffer);
+  for (const auto& attribute : model.named_attributes()) {
+    if (attribute.value.isTensor()) add(attribute.value.toTensor());
+  }
+  return bytes;
+}
+
 bool same_file(const std::string& first, const std::string& second) {
   struct stat a {}, b {};
   return stat(first.c_str(), &a) == 0 && stat(second.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
@@ -289,7 +320,8 @@ struct RemoveSlot {
   volatile std::sig_atomic_t in_use;
 };
 RemoveSlot remove_slots[kRemoveSlots];
-constexpr int kTerminatingSignals[] = {SIGINT, SIGTERM, SIGHUP};
+// SIGABRT too: an exception escaping libtorch's archive writer ends the process by abort().
+constexpr int kTerminatingSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGABRT};
 
 extern "C" void remove_registered_files_and_reraise(int signal_number) {
   for (auto& slot : remove_slots) {
@@ -361,6 +393,8 @@ void write_atomically(const std::string& path, Writer&& write) {
 }  // namespace
 
 void save_model_atomically(const torch::jit::Module& model, const std::string& path) {
+  // Every storage plus the code and pickles (a few MiB).
+  check_free_space(path, tensor_bytes(model) + (uint64_t{16} << 20));
   write_atomically(path, [&](const std::string& temporary) {
     try {
       model.save(temporary);

@@ -4,10 +4,13 @@
 // into the kernels' int4 layout (src/ops/w4a8_layout.h, duquant::ops::pack_int4).
 #include "duquant/quantize.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "duquant/magnitude_scan.h"
 #include "duquant/ops.h"
 #include "w4a8_layout.h"
 
@@ -47,6 +50,56 @@ torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scal
   return (levels.to(torch::kFloat) - zero) * scale;
 }
 
+namespace {
+
+// round_to_grid then grid_values for one row sharing (scale, zero), with the same float
+// operations in the same order as the tensor ops (division, round half to even, add, clamp,
+// subtract, multiply), so the result is bitwise theirs. Compiled for AVX-512, AVX2 and the
+// baseline; the loader picks the best the CPU has.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void round_trip_row(const float* values, float* out,
+                                                                                int64_t count, float scale,
+                                                                                float zero, float max_level) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float level = std::min(std::max(std::nearbyint(values[i] / scale) + zero, 0.0f), max_level);
+    out[i] = (level - zero) * scale;
+  }
+}
+
+bool has_one_grid_per_row(const torch::Tensor& values, const torch::Tensor& grid) {
+  if (grid.dim() != values.dim() || grid.size(-1) != 1) return false;
+  for (int64_t d = 0; d + 1 < values.dim(); ++d) {
+    if (grid.size(d) != values.size(d)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+torch::Tensor round_trip_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
+                                 int64_t max_level) {
+  const bool fused = values.device().is_cpu() && values.scalar_type() == torch::kFloat && values.dim() >= 1 &&
+                     scale.scalar_type() == torch::kFloat && zero.scalar_type() == torch::kFloat &&
+                     scale.device().is_cpu() && zero.device().is_cpu() && has_one_grid_per_row(values, scale) &&
+                     has_one_grid_per_row(values, zero);
+  if (!fused) return grid_values(round_to_grid(values, scale, zero, max_level), scale, zero);
+  const auto input = values.contiguous();
+  const auto scales = scale.contiguous(), zeros = zero.contiguous();
+  auto output = torch::empty_like(input);
+  const int64_t row_length = input.size(-1), rows = row_length > 0 ? input.numel() / row_length : 0;
+  const float* in = input.data_ptr<float>();
+  const float* row_scale = scales.data_ptr<float>();
+  const float* row_zero = zeros.data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  const float top = static_cast<float>(max_level);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_length, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      round_trip_row(in + row * row_length, out + row * row_length, row_length, row_scale[row], row_zero[row], top);
+    }
+  });
+  return output;
+}
+
 QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor& sample,
                                 const WeightQuantOptions& options) {
   TORCH_CHECK(weight.dim() == 2, "duquant: quantize_weight expects a [N, K] weight, got ", weight.sizes());
@@ -76,7 +129,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
       searched ? options.clip_ratios : std::vector<double>{options.clip_ratios.front()};
 
   auto full = weight.detach().to(float_options).contiguous();
-  TORCH_CHECK(torch::isfinite(full).all().item<bool>(), "duquant: weight to quantize has non-finite entries");
+  TORCH_CHECK(all_finite(full), "duquant: weight to quantize has non-finite entries");
   const auto grouped_all = full.view({rows, groups, group});
   const auto group_max = grouped_all.amax(2, /*keepdim=*/true);
   const auto group_min = grouped_all.amin(2, /*keepdim=*/true);
@@ -106,7 +159,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
       auto best_ratio = chosen_ratio.slice(0, begin, end);
       for (double ratio : ratios) {
         const auto grid = grid_for_ratio(chunk_max, chunk_min, torch::scalar_tensor(ratio, float_options), max_level);
-        const auto dequantized = round_to_grid(chunk, grid.scale, grid.zero, max_level).sub_(grid.zero).mul_(grid.scale);
+        const auto dequantized = round_trip_to_grid(chunk, grid.scale, grid.zero, max_level);
         const auto error = (reference - activations.matmul(dequantized.view({end - begin, k}).t()))
                                .pow_(2)
                                .sum(0)
@@ -150,14 +203,38 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
 torch::Tensor dequantize_weight(const QuantizedWeight& weight) {
   TORCH_CHECK(weight.packed.defined() && weight.scale.defined() && weight.zero.defined(),
               "duquant: dequantize_weight of an empty QuantizedWeight");
-  const auto levels = ops::unpack_int4(weight.packed.cpu());
-  const int64_t rows = levels.size(0), k = levels.size(1), groups = weight.scale.size(1);
+  const auto packed = weight.packed.cpu().contiguous();
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8,
+              "duquant: dequantize_weight expects uint8 [N, K/2] packed levels, got ", packed.scalar_type(), " ",
+              packed.sizes());
+  const int64_t rows = packed.size(0), k = packed.size(1) * layout::kWeightsPerByte, groups = weight.scale.size(1);
   TORCH_CHECK(weight.scale.size(0) == rows && groups > 0 && k % groups == 0 && weight.zero.sizes() == weight.scale.sizes(),
               "duquant: scale ", weight.scale.sizes(), " / zero ", weight.zero.sizes(), " do not fit a packed [",
               rows, ", ", k, "] weight");
-  return grid_values(levels.view({rows, groups, k / groups}), weight.scale.cpu().to(torch::kFloat).unsqueeze(2),
-                     weight.zero.cpu().to(torch::kFloat).unsqueeze(2))
-      .view({rows, k});
+  // grid_values of the unpacked levels, (level - zero) * scale in float32 with the same two
+  // roundings, in one pass from the packed bytes (w4a8_layout.h) instead of three full-size
+  // temporaries: the layer check dequantizes every weight.
+  const auto scale = weight.scale.cpu().to(torch::kFloat).contiguous();
+  const auto zero = weight.zero.cpu().to(torch::kFloat).contiguous();
+  auto values = torch::empty({rows, k}, torch::kFloat);
+  const uint8_t* bytes = packed.data_ptr<uint8_t>();
+  const float* group_scale = scale.data_ptr<float>();
+  const float* group_zero = zero.data_ptr<float>();
+  float* out = values.data_ptr<float>();
+  const int64_t group_length = k / groups;
+  at::parallel_for(0, rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(k, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t n = begin; n < end; ++n) {
+                       for (int64_t g = 0; g < groups; ++g) {
+                         const float z = group_zero[n * groups + g], s = group_scale[n * groups + g];
+                         for (int64_t j = g * group_length; j < (g + 1) * group_length; ++j) {
+                           const auto level = layout::unpack_level(bytes[layout::packed_byte_index(n, j, k)], j);
+                           out[n * k + j] = (static_cast<float>(level) - z) * s;
+                         }
+                       }
+                     }
+                   });
+  return values;
 }
 
 }  // namespace duquant

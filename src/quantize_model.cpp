@@ -10,6 +10,7 @@
 #include "duquant/calibrate.h"
 #include "duquant/errors.h"
 #include "duquant/gptq.h"
+#include "duquant/magnitude_scan.h"
 #include "duquant/ops.h"
 #include "duquant/swap.h"
 
@@ -136,7 +137,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
   }
   for (const auto& path : targets) {
     const auto weight = linears.at(path).attr("weight").toTensor();
-    if (!torch::isfinite(weight).all().item<bool>()) {
+    if (!all_finite(weight)) {
       throw UserError(fmt::format("layer '{}' has NaN or Inf weights; fix the checkpoint or exclude the layer", path));
     }
   }
@@ -186,10 +187,10 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
     for (const auto& path : group) statistics.erase(path);
     const auto split = calibration ? split_sample(stats.sample) : SampleSplit{stats.sample.to(torch::kFloat), {}};
     const auto search_rows = uniform_rows(split.fit, recipe.calibration_rows);
+    // The weights in their stored dtype: each use converts what it reads (a float32 copy of a
+    // gate/up pair alone is 256 MiB at full size).
     std::vector<torch::Tensor> weights;
-    for (const auto& path : group) {
-      weights.push_back(linears.at(path).attr("weight").toTensor().to(device, torch::kFloat));
-    }
+    for (const auto& path : group) weights.push_back(linears.at(path).attr("weight").toTensor().to(device));
     TransformOptions options = transform_options;
     options.seed = path_seed(recipe.transform.seed, group.front());
     const LayerTransform transform = compute_transform(stats.absmax, search_rows, weights, options);
@@ -302,7 +303,7 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       if (report.heldout_rows > 0) {
         StageTimer timer(result.stages, Stage::LayerCheck);
         // The deployed operator on held-out rows against the float layer.
-        const auto exact = torch::linear(split.held_out, weights[i], bias_float);
+        const auto exact = torch::linear(split.held_out, weights[i].to(torch::kFloat), bias_float);
         report.layer_output_error = relative_error(state.forward(split.held_out), exact);
       }
       result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "duquant/magnitude_scan.h"
 #include "duquant/ops.h"
 #include "w4a8_layout.h"
 
@@ -42,22 +43,33 @@ constexpr uint64_t kRotation2Stage = 2;
 
 bool is_power_of_two(int64_t value) { return value > 0 && (value & (value - 1)) == 0; }
 
-// Index vector exchanging 0 and d: indexing rows and columns of R~ with it gives E_d R~ E_d.
-torch::Tensor swap_zero_with(int64_t block_size, int64_t d) {
-  auto index = torch::arange(block_size, torch::kLong);
-  auto* data = index.data_ptr<int64_t>();
-  std::swap(data[0], data[d]);
-  return index;
+// E_d R E_d for the transposition E_d of 0 and d: R with rows 0 and d exchanged, then columns 0
+// and d. On the CPU a copy has its entries exchanged directly: a pair of index_selects on the
+// [b, b] matrix cost a tenth of the greedy step's GEMM at a few thousand rows.
+torch::Tensor exchange_zero_with(const torch::Tensor& rotation, int64_t d) {
+  const int64_t b = rotation.size(0);
+  if (!rotation.device().is_cpu()) {
+    auto index = torch::arange(b, torch::kLong);
+    std::swap(index.data_ptr<int64_t>()[0], index.data_ptr<int64_t>()[d]);
+    index = index.to(rotation.device());
+    return rotation.index_select(0, index).index_select(1, index);
+  }
+  auto exchanged = rotation.contiguous().clone();
+  if (d == 0) return exchanged;
+  AT_DISPATCH_FLOATING_TYPES(exchanged.scalar_type(), "exchange_zero_with", [&] {
+    scalar_t* entries = exchanged.data_ptr<scalar_t>();
+    std::swap_ranges(entries, entries + b, entries + d * b);
+    for (int64_t row = 0; row < b; ++row) std::swap(entries[row * b], entries[row * b + d]);
+  });
+  return exchanged;
 }
 
-// Largest |entry| of a [rows, b] tensor and its column, on the tensor's device. Ties go to the
-// lowest flat index (torch::argmax returns the first maximal element), which keeps the greedy
-// path deterministic whatever the thread count.
-double peak_entry(const torch::Tensor& blocks, int64_t& column) {
-  const auto magnitudes = blocks.abs().view(-1);
-  const int64_t index = magnitudes.argmax().item<int64_t>();
-  column = index % blocks.size(1);
-  return magnitudes[index].item<double>();
+// The float32 rotation the layer applies, or none when no greedy step lowered the peak: the kept
+// product is then the identity, and x I = x exactly (up to the sign of a zero, which quantizes
+// alike), so leaving it out ("step skipped") changes no value and saves a [T, K] x b GEMM at
+// every call of the deployed layer and in every transform of the quantizer.
+torch::Tensor kept_rotation(const GreedyRotation& greedy) {
+  return greedy.steps > 0 ? greedy.rotation.to(torch::kFloat) : torch::Tensor();
 }
 
 // max_j max_t |x_tj| / mean_j max_t |x_tj| over the columns of a [T, C] sample.
@@ -75,7 +87,8 @@ torch::Tensor shared_weight_absmax(const std::vector<torch::Tensor>& weights, in
   for (const auto& weight : weights) {
     TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, "duquant: weight of shape ", weight.sizes(),
                 " does not take ", in_features, " input features");
-    auto column_absmax = weight.detach().to(torch::kFloat).abs().amax(0);
+    // |w| and its maximum are exact in the stored dtype, so the float32 conversion comes last.
+    auto column_absmax = weight.detach().abs().amax(0).to(torch::kFloat);
     absmax = absmax.defined() ? torch::maximum(absmax, column_absmax) : column_absmax;
   }
   return absmax;
@@ -142,8 +155,7 @@ torch::Tensor base_rotation(int64_t block_size, uint64_t seed) {
     u[i] = 0.0;
     u[i + 1] = radius;
   }
-  auto exchange = swap_zero_with(b, b - 1);
-  auto uniform_first = givens.index_select(0, exchange).index_select(1, exchange);
+  auto uniform_first = exchange_zero_with(givens, b - 1);
 
   // Q': Haar-random orthogonal (b-1)x(b-1) from the QR of a seeded Gaussian, with the signs of
   // R's diagonal folded into Q so the distribution is uniform and the result unique per seed.
@@ -174,7 +186,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   // any step. Dropping it changes nothing but the cost, which on outlier-heavy activations falls
   // from every block of every token to the few blocks that carry the outliers.
   auto rows = blocks.detach().to(torch::kFloat);
-  TORCH_CHECK(torch::isfinite(rows).all().item<bool>(), "duquant: activation blocks have non-finite entries");
+  TORCH_CHECK(all_finite(rows), "duquant: activation blocks have non-finite entries");
   const auto row_norms = rows.norm(2, 1);
   const double norm_bound = row_norms.max().item<double>() / std::sqrt(static_cast<double>(b));
   // The margin covers the rounding of the float32 norms; keeping a few extra rows is harmless.
@@ -185,29 +197,32 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   const auto base = base_rotation(b, seed).to(device);
   const auto base_float = base.to(torch::kFloat);
   // The working copy of the blocks is float32 (one GEMM per step is the whole cost); only the
-  // peak and the outlier position are read from it. The rotation itself is accumulated in
-  // float64 so the kept product stays orthogonal however many steps are chained.
+  // peak and the outlier position are read from it.
   auto current = rows.index_select(0, candidates).contiguous();
   auto next = torch::empty_like(current);
-  auto accumulated = result.rotation.clone();
 
-  int64_t outlier_column = 0;
-  double best_peak = peak_entry(current, outlier_column);
+  const auto outlier_column = [b](const PeakEntry& peak) { return peak.index % b; };
+  // R_k = E_d R~ E_d: R~'s uniform first row moved to the outlier channel d, so the largest entry
+  // is spread over its whole block (section 3.1; the reference code wrongly takes the row index
+  // of the largest entry here).
+  std::vector<int64_t> outlier_columns;
+  auto peak = peak_entry(current);
+  double best_peak = peak.magnitude;
   for (int64_t step = 0; step < max_steps && best_peak > 0; ++step) {
-    // R_k = E_d R~ E_d: R~'s uniform first row moved to the outlier channel d, so the largest
-    // entry is spread over its whole block (section 3.1; the reference code wrongly takes the
-    // row index of the largest entry here).
-    const auto exchange = swap_zero_with(b, outlier_column).to(device);
-    at::matmul_out(next, current, base_float.index_select(0, exchange).index_select(1, exchange));
+    outlier_columns.push_back(outlier_column(peak));
+    at::matmul_out(next, current, exchange_zero_with(base_float, outlier_columns.back()));
     std::swap(current, next);
-    accumulated = accumulated.matmul(base.index_select(0, exchange).index_select(1, exchange));
-    const double peak = peak_entry(current, outlier_column);
+    peak = peak_entry(current);
     // Keep the prefix with the lowest peak: later steps may undo earlier gains.
-    if (peak < best_peak) {
-      best_peak = peak;
+    if (peak.magnitude < best_peak) {
+      best_peak = peak.magnitude;
       result.steps = step + 1;
-      result.rotation = accumulated.clone();
     }
+  }
+  // The kept product R_1 ... R_steps, accumulated in float64 so that it stays orthogonal however
+  // many steps are chained; only the kept prefix is multiplied out.
+  for (int64_t step = 0; step < result.steps; ++step) {
+    result.rotation = result.rotation.matmul(exchange_zero_with(base, outlier_columns[static_cast<size_t>(step)]));
   }
   return result;
 }
@@ -279,7 +294,7 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
     auto smoothed = ops::apply_online_transform(sample, transform.smooth_inv, none, none, none, padded);
     auto first = greedy_block_rotation(smoothed.view({-1, b}), options.rotation_steps,
                                        derive_seed(options.seed, kRotation1Stage));
-    transform.rotation1 = first.rotation.to(torch::kFloat);
+    transform.rotation1 = kept_rotation(first);
     transform.rotation1_steps = first.steps;
     // The float32 R1 that the runtime will use, applied exactly as the runtime applies it.
     auto rotated = ops::apply_online_transform(smoothed, none, transform.rotation1, none, none, padded);
@@ -299,7 +314,7 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
 
     auto second = greedy_block_rotation(rotated.view({-1, b}), options.rotation_steps,
                                         derive_seed(options.seed, kRotation2Stage));
-    transform.rotation2 = second.rotation.to(torch::kFloat);
+    transform.rotation2 = kept_rotation(second);
     transform.rotation2_steps = second.steps;
   }
 
@@ -307,9 +322,9 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
     auto transformed = ops::apply_online_transform(sample, transform.smooth_inv, transform.rotation1,
                                                    transform.permutation, transform.rotation2,
                                                    transform.padded_in_features);
-    // Without a rotation the padding columns stay exactly zero and are not channels; after a
-    // rotation they carry their share of the block and count like any other channel.
-    if (!transform.rotation1.defined()) transformed = transformed.slice(1, 0, in_features);
+    // Without the DuQuant transform the padding columns stay exactly zero and are not channels;
+    // with it they carry their share of the block and count like any other channel.
+    if (options.method != Method::DuQuant) transformed = transformed.slice(1, 0, in_features);
     transform.peak_to_mean_after = peak_to_mean(transformed);
   } else {
     transform.peak_to_mean_after = std::numeric_limits<double>::quiet_NaN();
@@ -327,10 +342,13 @@ LayerTransform compute_transform(const torch::Tensor& activation_absmax, const t
 torch::Tensor transform_weight(const torch::Tensor& weight, const LayerTransform& transform) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == transform.in_features, "duquant: weight of shape ",
               weight.sizes(), " does not match a transform of ", transform.in_features, " input features");
-  auto scaled = weight.detach().to(torch::kFloat);
-  if (transform.smooth.defined() && transform.smooth.numel() > 0) {
-    scaled = scaled * transform.smooth.to(torch::kFloat);
-  }
+  // W s in float32 in one pass: a bf16 weight times the float32 scales is computed in float32
+  // (type promotion), each weight converted exactly before its product.
+  const bool smoothed = transform.smooth.defined() && transform.smooth.numel() > 0;
+  const bool promotes_to_float = c10::promoteTypes(weight.scalar_type(), torch::kFloat) == torch::kFloat;
+  const auto scaled = smoothed && promotes_to_float ? weight.detach() * transform.smooth.to(torch::kFloat)
+                      : smoothed ? weight.detach().to(torch::kFloat) * transform.smooth.to(torch::kFloat)
+                                 : weight.detach().to(torch::kFloat);
   return ops::apply_online_transform(scaled, torch::Tensor(), transform.rotation1, transform.permutation,
                                      transform.rotation2, transform.padded_in_features);
 }

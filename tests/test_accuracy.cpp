@@ -101,6 +101,8 @@ TEST(ManyObservations, StatisticsEqualTheMaxAndUnionOfSingleObservationRuns) {
   ASSERT_GT(bounded.sample.size(0), 50);
   const int64_t stride = (all_rows.size(0) + bounded.sample.size(0) - 1) / bounded.sample.size(0);
   EXPECT_TRUE(torch::equal(bounded.sample, all_rows.slice(0, 0, all_rows.size(0), stride)));
+  // ...and holds only the kept rows in memory, not the calls' rows that the halving dropped.
+  EXPECT_EQ(bounded.sample.storage().nbytes(), bounded.sample.nbytes());
 }
 
 TEST(ManyObservations, DirectoryFilesAndMismatchedModelsAreChecked) {

@@ -152,6 +152,46 @@ TEST(QuantizeWeight, ClipSearchNeverLosesToRatioOne) {
   EXPECT_LT(searched_groups.output_relative_error, searched.output_relative_error);
 }
 
+// The clip search's one-pass round trip must be the two tensor steps, bit for bit: values on
+// exact half-steps (round half to even), values clamped at both ends, a zero scale guard of 1,
+// and per-group grids of several rows.
+TEST(RoundTripToGrid, IsBitwiseRoundToGridThenGridValues) {
+  const int64_t rows = 37, groups = 3, group = 200;
+  auto values = gaussian({rows, groups, group}, 41) * 3.0;
+  auto scale = gaussian({rows, groups, 1}, 42).abs().add_(0.05);
+  auto zero = torch::randint(0, 16, {rows, groups, 1}, torch::kLong).to(torch::kFloat);
+  // Exact half-steps: (level + 0.5 - zero) * scale for a few entries of every row.
+  values.select(2, 0).copy_((torch::arange(rows * groups).view({rows, groups}) % 15 + 0.5 - zero.squeeze(2)) *
+                            scale.squeeze(2));
+  values.select(2, 1).fill_(1e6);
+  values.select(2, 2).fill_(-1e6);
+  scale[0][0][0] = 1.0;
+  const auto fused = round_trip_to_grid(values, scale, zero, 15);
+  const auto two_steps = grid_values(round_to_grid(values, scale, zero, 15), scale, zero);
+  EXPECT_TRUE(torch::equal(fused, two_steps));
+  // Fewer bits clamp at a lower top level.
+  EXPECT_TRUE(torch::equal(round_trip_to_grid(values, scale, zero, 3),
+                           grid_values(round_to_grid(values, scale, zero, 3), scale, zero)));
+  // A non-contiguous input takes the same values.
+  const auto transposed = values.transpose(0, 1).contiguous().transpose(0, 1);
+  EXPECT_TRUE(torch::equal(round_trip_to_grid(transposed, scale, zero, 15), two_steps));
+}
+
+// The one-pass dequantization is grid_values of the unpacked levels, bit for bit, per channel
+// and per group.
+TEST(DequantizeWeight, IsGridValuesOfTheUnpackedLevels) {
+  const auto w = gaussian({24, 256}, 43);
+  for (int64_t group_size : {int64_t{0}, int64_t{64}}) {
+    WeightQuantOptions options;
+    options.group_size = group_size;
+    const auto q = quantize_weight(w, torch::Tensor(), options);
+    const int64_t groups = q.scale.size(1);
+    const auto levels = ops::unpack_int4(q.packed).view({24, groups, 256 / groups});
+    const auto expected = grid_values(levels, q.scale.unsqueeze(2), q.zero.unsqueeze(2)).view({24, 256});
+    EXPECT_TRUE(torch::equal(dequantize_weight(q), expected)) << "group size " << group_size;
+  }
+}
+
 TEST(QuantizeWeight, WithoutSampleUsesTheFirstRatio) {
   auto w = gaussian({8, 64}, 11);
   WeightQuantOptions options;

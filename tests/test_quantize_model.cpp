@@ -122,6 +122,29 @@ TEST_P(TinyPi0, SwapChangesExactlyTheTargets) {
   EXPECT_TRUE(torch::equal(run(reloaded, inputs), after));
 }
 
+// A save is refused up front, with no file left, when the disk cannot hold the archive: its size
+// is estimated from the model's tensor storages, which must not fall short of the real file.
+TEST(ModelFiles, SaveChecksFreeSpaceAgainstTheArchiveSize) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  const auto model = load_model(model_path);
+  const uint64_t estimate = tensor_bytes(model);
+  const auto directory = testing::temporary_directory("free_space");
+  save_model_atomically(model, directory + "/copy.pt");
+  const auto written = static_cast<uint64_t>(file_size_bytes(directory + "/copy.pt"));
+  EXPECT_LE(estimate, written);
+  EXPECT_LE(written, estimate + (uint64_t{16} << 20));
+  const std::string refused = directory + "/refused.pt";
+  try {
+    check_free_space(refused, uint64_t{1} << 62);
+    FAIL() << "no refusal";
+  } catch (const UserError& error) {
+    EXPECT_NE(std::string(error.what()).find("free some disk space"), std::string::npos) << error.what();
+  }
+  EXPECT_FALSE(path_exists(refused));
+  EXPECT_NO_THROW(check_free_space(refused, 1));
+}
+
 // A W4A8Linear module computes exactly duquant::w4a8_linear with its buffers, and the layer stays
 // close to the float layer on the calibration rows.
 TEST_P(TinyPi0, QuantizedLayerIsTheOperatorOnItsBuffers) {

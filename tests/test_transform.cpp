@@ -253,6 +253,42 @@ TEST(ComputeTransform, RtnAndSmoothCarryNoRotation) {
   EXPECT_LT(smooth.peak_to_mean_after, smooth.peak_to_mean_before);
 }
 
+// Entries of equal magnitude are already flat: no rotation can lower their peak, so no greedy
+// step is kept and both rotations are left out (the identity), which transforms exactly as the
+// identity would.
+TEST(ComputeTransform, LeavesOutRotationsThatNoGreedyStepImproved) {
+  const auto x = torch::sign(gaussian({64, 256}, 44)).add_(0.5).sign_();
+  const auto w = torch::sign(gaussian({8, 256}, 45)).add_(0.5).sign_().to(torch::kBFloat16);
+  TransformOptions options;
+  options.block_size = 64;
+  options.rotation_steps = 16;
+  const auto t = compute_transform(x.abs().amax(0), x, {w}, options);
+  EXPECT_EQ(t.rotation1_steps, 0);
+  EXPECT_EQ(t.rotation2_steps, 0);
+  EXPECT_FALSE(t.rotation1.defined());
+  EXPECT_FALSE(t.rotation2.defined());
+  ASSERT_TRUE(t.permutation.defined());
+  auto with_identity = t;
+  with_identity.rotation1 = torch::eye(64);
+  with_identity.rotation2 = torch::eye(64);
+  EXPECT_TRUE(torch::equal(transform_weight(w, t), transform_weight(w, with_identity)));
+}
+
+// The pipeline keeps weights in their stored dtype: a bf16 weight gives the smoothing and the
+// transformed weight of its float32 copy, bit for bit.
+TEST(TransformWeight, TakesABf16WeightAsItsFloat32Copy) {
+  const auto x = outlier_activations(48, 256, 3, 30.0, 46);
+  const auto w = gaussian({16, 256}, 47).to(torch::kBFloat16);
+  TransformOptions options;
+  options.block_size = 64;
+  options.rotation_steps = 8;
+  const auto from_bf16 = compute_transform(x.abs().amax(0), x, {w}, options);
+  const auto from_float = compute_transform(x.abs().amax(0), x, {w.to(torch::kFloat)}, options);
+  EXPECT_TRUE(torch::equal(from_bf16.smooth, from_float.smooth));
+  EXPECT_GT(from_bf16.smooth.max().item<double>() / from_bf16.smooth.min().item<double>(), 2.0);
+  EXPECT_TRUE(torch::equal(transform_weight(w, from_bf16), transform_weight(w.to(torch::kFloat), from_bf16)));
+}
+
 TEST(ComputeTransform, SmoothingUsesTheLargestColumnOfAllSharedWeights) {
   auto x = outlier_activations(16, 64, 0, 1.0, 50);
   auto q = gaussian({32, 64}, 51), k = gaussian({16, 64}, 52) * 3.0;

@@ -54,6 +54,11 @@ void use_one_shot_executor();
 // Fails early (before any work) when `path` cannot be written; writes go to a temporary file in
 // the same directory and are renamed over `path` only when complete.
 void check_writable(const std::string& path);
+// Fails when the file system of `path` has less than `bytes` free (a model archive cut short by a
+// full disk would otherwise end the process inside libtorch's writer).
+void check_free_space(const std::string& path, uint64_t bytes);
+// The bytes of every distinct tensor storage a module holds: what its archive needs at least.
+uint64_t tensor_bytes(const torch::jit::Module& model);
 
 // POSIX file queries. std::filesystem is avoided on purpose: libtorch.so exports its own bundled
 // copy of libstdc++'s filesystem symbols, which interpose on ours and crash (remove_all).

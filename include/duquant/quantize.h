@@ -52,5 +52,10 @@ inline int64_t max_weight_level(int64_t bits) { return (int64_t{1} << bits) - 1;
 torch::Tensor round_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
                             int64_t max_level);
 torch::Tensor grid_values(const torch::Tensor& levels, const torch::Tensor& scale, const torch::Tensor& zero);
+// grid_values(round_to_grid(values, ...)): the value each entry rounds to, bitwise equal to the two
+// steps. For float32 CPU values [..., n] with one scale and zero per row ([..., 1]) it is one pass
+// with no temporaries (the clip search evaluates it once per ratio on every weight).
+torch::Tensor round_trip_to_grid(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& zero,
+                                 int64_t max_level);
 
 }  // namespace duquant

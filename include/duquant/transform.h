@@ -31,12 +31,12 @@ struct TransformOptions {
 struct LayerTransform {
   torch::Tensor smooth_inv;   // float32 [in_features]: 1 / s
   torch::Tensor smooth;       // float32 [in_features]: s (applied to the weight columns)
-  torch::Tensor rotation1;    // float32 [b, b]
+  torch::Tensor rotation1;    // float32 [b, b]; empty when no greedy step improved (the identity)
   torch::Tensor permutation;  // int64 [padded_in_features]
-  torch::Tensor rotation2;    // float32 [b, b]
+  torch::Tensor rotation2;    // float32 [b, b]; likewise
   int64_t in_features = 0;
   int64_t padded_in_features = 0;
-  int64_t rotation1_steps = 0;  // greedy steps kept (0: identity)
+  int64_t rotation1_steps = 0;  // greedy steps kept (0: the identity, left out as empty)
   int64_t rotation2_steps = 0;
   // max_j max_t |x_tj| / mean_j max_t |x_tj| of the calibration sample, before and after.
   double peak_to_mean_before = 0;

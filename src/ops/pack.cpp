@@ -40,11 +40,15 @@ torch::Tensor unpack_int4(const torch::Tensor& packed) {
   auto levels = torch::empty({n_rows, k}, torch::kUInt8);
   const uint8_t* in = src.data_ptr<uint8_t>();
   uint8_t* out = levels.data_ptr<uint8_t>();
-  for (int64_t n = 0; n < n_rows; ++n) {
-    for (int64_t j = 0; j < k; ++j) {
-      out[n * k + j] = static_cast<uint8_t>(layout::unpack_level(in[layout::packed_byte_index(n, j, k)], j));
-    }
-  }
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(k, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t n = begin; n < end; ++n) {
+                       for (int64_t j = 0; j < k; ++j) {
+                         out[n * k + j] =
+                             static_cast<uint8_t>(layout::unpack_level(in[layout::packed_byte_index(n, j, k)], j));
+                       }
+                     }
+                   });
   return levels;
 }
 
