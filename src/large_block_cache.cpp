@@ -24,8 +24,10 @@ std::unordered_map<void*, LargeBlockCache*>& owners() {
 c10::DataPtr LargeBlockCache::allocate(std::size_t bytes) {
   const c10::Device cpu(c10::DeviceType::CPU);
   if (bytes < kLargeBlockBytes) {
+    // Never kept, so freed straight away; a small block freed through the raw deleter finds no
+    // owner and goes the same way.
     void* data = c10::alloc_cpu(bytes);
-    return {data, data, &release, cpu};
+    return {data, data, &c10::free_cpu, cpu};
   }
   void* data = nullptr;
   {
@@ -90,7 +92,7 @@ void LargeBlockCache::release(void* data) {
     }
   }
   if (owner == nullptr) {
-    c10::free_cpu(data);  // a small block
+    c10::free_cpu(data);  // a small block, from raw_allocate
     return;
   }
   owner->release_block(data);

@@ -294,8 +294,7 @@ uint64_t tensor_bytes(const torch::jit::Module& model) {
       bytes += tensor.storage().nbytes();
     }
   };
-  for (const auto& parameter : model.parameters()) add(parameter);
-  for (const auto& buffer : model.buffers()) add(buffer);
+  // Every attribute of the module and its submodules: parameters and buffers are attributes too.
   for (const auto& attribute : model.named_attributes()) {
     if (attribute.value.isTensor()) add(attribute.value.toTensor());
   }
