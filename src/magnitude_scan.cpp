@@ -92,6 +92,25 @@ PeakEntry peak_entry(const torch::Tensor& values) {
   return {static_cast<double>(peak), index};
 }
 
+torch::Tensor row_absmax(const torch::Tensor& rows) {
+  TORCH_CHECK(rows.dim() == 2, "duquant: row_absmax expects a 2-D tensor, got ", rows.sizes());
+  if (!rows.device().is_cpu() || rows.scalar_type() != torch::kFloat || rows.size(1) == 0) {
+    return rows.abs().amax(1).to(torch::kFloat);
+  }
+  const auto contiguous = rows.contiguous();
+  const int64_t count = contiguous.size(0), length = contiguous.size(1);
+  auto maxima = torch::empty({count}, torch::kFloat);
+  const auto* data = static_cast<const unsigned char*>(contiguous.data_ptr());
+  auto* out = maxima.data_ptr<float>();
+  at::parallel_for(0, count, std::max<int64_t>(1, kChunk / length), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint32_t bits = max_magnitude_bits32(data + row * length * static_cast<int64_t>(sizeof(float)), length);
+      std::memcpy(out + row, &bits, sizeof bits);
+    }
+  });
+  return maxima;
+}
+
 bool all_finite(const torch::Tensor& values) {
   if (values.numel() == 0 || !values.is_floating_point()) return true;
   if (!values.device().is_cpu()) return torch::isfinite(values).all().item<bool>();

@@ -50,6 +50,21 @@ TEST(PeakEntry, IsTheFirstLargestMagnitudeLikeAbsArgmax) {
   EXPECT_EQ(peak_entry(torch::zeros({4, 8})).index, 0);
 }
 
+// row_absmax is abs().amax(1) on the CPU scan and on the tensor-op fallback (other dtypes), for
+// rows of any length, negative peaks included.
+TEST(RowAbsmax, IsTheLargestMagnitudeOfEveryRowLikeAbsAmax) {
+  for (int64_t length : {1, 7, 128, 5000}) {
+    auto values = gaussian({300, length}, 90 + static_cast<uint64_t>(length));
+    values[17][length - 1] = -80.0;
+    for (auto dtype : {torch::kFloat, torch::kDouble}) {
+      const auto rows = values.to(dtype);
+      const auto maxima = row_absmax(rows);
+      EXPECT_EQ(maxima.scalar_type(), torch::kFloat);
+      EXPECT_TRUE(torch::equal(maxima, rows.abs().amax(1).to(torch::kFloat))) << length << " columns, " << dtype;
+    }
+  }
+}
+
 // all_finite is isfinite().all() for every float width, wherever the bad entry lies (first,
 // last, or a chunk in the middle of a multi-chunk scan), for either sign and for the largest
 // finite value, which sits one step below infinity in the bits the scan compares.

@@ -137,6 +137,70 @@ TEST(GreedyRotation, PicksTheOutlierColumnNotItsRow) {
   EXPECT_LT((rotated.abs() - 80.0 / std::sqrt(8.0)).abs().max().item<double>(), 1e-4);
 }
 
+// The greedy search as DESIGN.md section 4 step 2 states it: every row rotated at every step, the
+// peak and its column read by abs().argmax() over all of them (the first maximal entry).
+GreedyRotation greedy_rotation_of_every_row(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed) {
+  const int64_t b = blocks.size(1);
+  const auto base = base_rotation(b, seed);
+  const auto exchanged = [b](const torch::Tensor& rotation, int64_t d) {
+    auto index = torch::arange(b, torch::kLong);
+    index[0] = d;
+    index[d] = 0;
+    return rotation.index_select(0, index).index_select(1, index);
+  };
+  auto current = blocks.to(torch::kFloat).contiguous();
+  const auto peak = [&] {
+    const auto magnitudes = current.abs().flatten();
+    const int64_t index = magnitudes.argmax().item<int64_t>();
+    return std::make_pair(magnitudes[index].item<double>(), index % b);
+  };
+  GreedyRotation result;
+  result.rotation = torch::eye(b, torch::kDouble);
+  auto [best_peak, column] = peak();
+  std::vector<int64_t> columns;
+  for (int64_t step = 0; step < max_steps; ++step) {
+    columns.push_back(column);
+    current = current.mm(exchanged(base.to(torch::kFloat), column));
+    const auto [magnitude, next_column] = peak();
+    column = next_column;
+    if (magnitude < best_peak) {
+      best_peak = magnitude;
+      result.steps = step + 1;
+    }
+  }
+  for (int64_t step = 0; step < result.steps; ++step) {
+    result.rotation = result.rotation.matmul(exchanged(base, columns[static_cast<size_t>(step)]));
+  }
+  return result;
+}
+
+// Rows of spread norms, a 10x outlier column in some of them and exact duplicates (equal
+// peaks in different rows): the search rotates a row only once the peak falls to its norm, and
+// rows that join late catch up on the earlier steps. The result must be bitwise that of rotating
+// every row at every step, at b = 128 (the default) and a small block.
+TEST(GreedyRotation, RotatesOnlyTheRowsThatReachThePeak) {
+  for (int64_t b : {32, 128}) {
+    const int64_t rows = 4000;
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(77 + static_cast<uint64_t>(b));
+    auto blocks = torch::randn({rows, b}, generator, torch::kFloat) *
+                  torch::exp(0.3 * torch::randn({rows, 1}, generator, torch::kFloat));
+    blocks.slice(0, 0, rows / 20).select(1, 3).mul_(10.0);
+    blocks.slice(0, rows / 2).mul_(0.01);  // rows that never reach the peak
+    blocks.slice(0, 1500, 1510).copy_(blocks.slice(0, 1000, 1010));
+    const auto lazy = greedy_block_rotation(blocks, 64, 5);
+    const auto every_row = greedy_rotation_of_every_row(blocks, 64, 5);
+    EXPECT_GT(lazy.steps, 0) << "b = " << b;
+    EXPECT_EQ(lazy.steps, every_row.steps) << "b = " << b;
+    EXPECT_TRUE(torch::equal(lazy.rotation, every_row.rotation)) << "b = " << b;
+    // Rows joined after the first step (more than the rows reaching the first peak), yet the
+    // small half of the rows was never rotated.
+    const double first_peak = max_abs(blocks);
+    const int64_t reaching_first_peak = (blocks.norm(2, 1) >= first_peak * (1.0 - 1e-3)).sum().item<int64_t>();
+    EXPECT_GT(lazy.rotated_rows, std::max<int64_t>(reaching_first_peak, 128)) << "b = " << b;
+    EXPECT_LE(lazy.rotated_rows, rows / 2) << "b = " << b;
+  }
+}
+
 TEST(ZigzagPermutation, FollowsTheDealOrderOnAHandCase) {
   // C = 8, b = 2, K = 4 blocks. Descending order of channels: 1(8) 4(7) 6(6) 3(5) 7(4) 2(.3)
   // 5(.2) 0(.1), dealt to blocks 0 1 2 3 3 2 1 0 -> [1 0 | 4 5 | 6 2 | 3 7].

@@ -20,6 +20,10 @@ struct PeakEntry {
 };
 PeakEntry peak_entry(const torch::Tensor& values);
 
+// max_j |x_ij| of every row of a 2-D tensor, float32 [rows]: rows.abs().amax(1) without the
+// full-size |x| temporary on the CPU (the greedy rotation reads it after every step).
+torch::Tensor row_absmax(const torch::Tensor& rows);
+
 // torch::isfinite(values).all(): no NaN and no infinity. Any dtype (integer tensors are finite).
 bool all_finite(const torch::Tensor& values);
 

@@ -57,6 +57,9 @@ torch::Tensor base_rotation(int64_t block_size, uint64_t seed);
 struct GreedyRotation {
   torch::Tensor rotation;  // float64 [b, b], orthogonal; identity when steps == 0
   int64_t steps = 0;       // prefix of greedy steps kept
+  // Rows the search rotated: those whose norm reached the peak of some step (the others cannot
+  // hold it, so they are left alone), at least min(rows, 128).
+  int64_t rotated_rows = 0;
 };
 // Step 2: greedy outlier-spreading rotation learnt from `blocks` ([rows, b], the activation
 // blocks stacked as rows). Picks the outlier *column* at each step.
