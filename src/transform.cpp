@@ -240,8 +240,9 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   const auto base = base_rotation(b, seed).to(device);
   const auto base_float = base.to(torch::kFloat);
   // The working copies of the rows are float32 (one GEMM per step is the whole cost); only the
-  // peak and the outlier position are read from them. Rows [0, active) of `current` have had
-  // every step so far, the others none.
+  // peak and the outlier position are read from them. Only rows [0, active) of `current` are
+  // read: they have had every step so far. A joining row starts from `sorted_rows`, which the
+  // search never writes (hence the copy: the two buffers swap after every step).
   auto current = sorted_rows.clone();
   auto next = torch::empty_like(current);
   auto peak = peak_entry(rows);
