@@ -153,14 +153,14 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
       const auto chunk = grouped_all.slice(0, begin, end);
       const auto chunk_max = group_max.slice(0, begin, end), chunk_min = group_min.slice(0, begin, end);
       // X~ W~^T of these channels once: each ratio's error is ||reference - X~ deq^T||^2.
-      const auto reference = activations.matmul(chunk.view({end - begin, k}).t());
+      const auto reference = ops::multiply_by_transpose(activations, chunk.view({end - begin, k}));
       reference_energy += reference.to(torch::kDouble).pow(2).sum().item<double>();
       auto best_error = chosen_error.slice(0, begin, end);
       auto best_ratio = chosen_ratio.slice(0, begin, end);
       for (double ratio : ratios) {
         const auto grid = grid_for_ratio(chunk_max, chunk_min, torch::scalar_tensor(ratio, float_options), max_level);
         const auto dequantized = round_trip_to_grid(chunk, grid.scale, grid.zero, max_level);
-        const auto error = (reference - activations.matmul(dequantized.view({end - begin, k}).t()))
+        const auto error = (reference - ops::multiply_by_transpose(activations, dequantized.view({end - begin, k})))
                                .pow_(2)
                                .sum(0)
                                .to(torch::kDouble);

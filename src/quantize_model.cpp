@@ -74,11 +74,11 @@ torch::Tensor uniform_rows(const torch::Tensor& rows, int64_t limit) {
 class OutputErrorProbe {
  public:
   OutputErrorProbe(const torch::Tensor& rows, const torch::Tensor& weight) : rows_(rows) {
-    if (rows_.defined() && rows_.size(0) > 0) reference_ = rows_.matmul(weight.t());
+    if (rows_.defined() && rows_.size(0) > 0) reference_ = ops::multiply_by_transpose(rows_, weight);
   }
   double operator()(const torch::Tensor& dequantized) const {
     if (!reference_.defined()) return std::numeric_limits<double>::quiet_NaN();
-    return relative_error(rows_.matmul(dequantized.t()), reference_);
+    return relative_error(ops::multiply_by_transpose(rows_, dequantized), reference_);
   }
 
  private:

@@ -41,11 +41,12 @@ uint64_t derive_seed(uint64_t seed, uint64_t stage) {
 constexpr uint64_t kRotation1Stage = 1;
 constexpr uint64_t kRotation2Stage = 2;
 
-// Rows of every GEMM of the greedy search. MKL computes each row of x R (inner dimension b) as the
-// same sum whatever the other rows of the call, except on its small-matrix paths (below 12 rows
-// with 1 or 2 threads, measured at b = 128): calls of at least this many rows keep every row
-// bitwise what one GEMM over all rows gives, so which rows are rotated together changes no value
-// (test GreedyRotation.RotatesOnlyTheRowsThatReachThePeak pins it).
+// Rows of every GEMM of the greedy search. ops::rotate_rows computes each row of x R as one FMA
+// chain whatever the other rows of the call; so does MKL, its fallback, except on its
+// small-matrix paths (below 12 rows with 1 or 2 threads, measured at b = 128). Calls of at least
+// this many rows keep every row bitwise what one call over all rows gives on either path, so
+// which rows are rotated together changes no value (test
+// GreedyRotation.RotatesOnlyTheRowsThatReachThePeak pins it).
 constexpr int64_t kMinGreedyGemmRows = 128;
 
 // Relative slack on the float32 row norms against a peak: rounding (~1e-7 per step) lets a
@@ -258,7 +259,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
     outlier_columns.push_back(peak.index % b);
     step_rotations.push_back(exchange_zero_with(base_float, outlier_columns.back()));
     auto rotated = next.slice(0, 0, active);
-    at::mm_out(rotated, current.slice(0, 0, active), step_rotations.back());
+    ops::rotate_rows_out(rotated, current.slice(0, 0, active), step_rotations.back());
     peak = peak_of(next, active);
     const int64_t joined = rows_reaching(peak.magnitude, active);
     if (joined > active) {
@@ -267,7 +268,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
       // same and are not copied back.
       const int64_t window = std::min(active, std::max<int64_t>(0, joined - kMinGreedyGemmRows));
       auto caught_up = sorted_rows.slice(0, window, joined);
-      for (const auto& rotation : step_rotations) caught_up = caught_up.mm(rotation);
+      for (const auto& rotation : step_rotations) caught_up = ops::rotate_rows(caught_up, rotation);
       next.slice(0, active, joined).copy_(caught_up.slice(0, active - window));
       active = joined;
       peak = peak_of(next, active);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "duquant/ops.h"
+#include "fma_kernels_cpu.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_layout.h"
 
@@ -26,6 +27,8 @@ using duquant::ops::pack_int4;
 using duquant::ops::unpack_int4;
 namespace layout = duquant::layout;
 namespace cpu_reference = duquant::ops::cpu_reference;
+namespace cpu = duquant::ops::cpu;
+namespace ops = duquant::ops;
 
 // One quantized layer in the argument form of w4a8_linear, plus the unpacked levels the test
 // dequantizes on its own.
@@ -220,6 +223,147 @@ TEST(OnlineTransformOp, MatchesDenseFormula) {
   const auto actual = op.call(x, layer.smooth_inv, layer.rotation1, layer.permutation, layer.rotation2, k);
   EXPECT_EQ(actual.scalar_type(), torch::kFloat);
   expect_close(actual, expected);
+}
+
+// rows @ rotation as fma_kernels_cpu.h defines it: out[i, j] = fma(x[i, b-1], R[b-1, j], ...
+// fma(x[i, 0], R[0, j], 0)), one chain in k order from zero.
+torch::Tensor fma_chain_product(const torch::Tensor& rows, const torch::Tensor& rotation) {
+  const auto x = rows.contiguous(), r = rotation.contiguous();
+  const int64_t count = x.size(0), b = x.size(1);
+  auto out = torch::empty({count, b}, torch::kFloat);
+  const float *in = x.data_ptr<float>(), *matrix = r.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  for (int64_t i = 0; i < count; ++i) {
+    for (int64_t j = 0; j < b; ++j) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < b; ++k) sum = std::fma(in[i * b + k], matrix[k * b + j], sum);
+      result[i * b + j] = sum;
+    }
+  }
+  return out;
+}
+
+std::string isa_name(cpu::VectorIsa isa) { return isa == cpu::VectorIsa::Avx512 ? "AVX-512" : "AVX2"; }
+
+// Every instruction set the kernels have that this CPU runs (an AVX-512 CPU runs the AVX2 path too).
+std::vector<cpu::VectorIsa> supported_isas() {
+  switch (cpu::best_vector_isa()) {
+    case cpu::VectorIsa::Avx512:
+      return {cpu::VectorIsa::Avx2Fma, cpu::VectorIsa::Avx512};
+    case cpu::VectorIsa::Avx2Fma:
+      return {cpu::VectorIsa::Avx2Fma};
+    case cpu::VectorIsa::None:
+      break;
+  }
+  return {};
+}
+
+// Every tile shape (full tiles, each remainder, several tasks) on every instruction set the CPU
+// has: a row's result is its own FMA chain, so it cannot depend on the rows rotated with it.
+TEST(RotateRows, EveryEntryIsOneFmaChainInKOrderWhateverTheRowCount) {
+  const auto isas = supported_isas();
+  if (isas.empty()) GTEST_SKIP() << "this CPU has neither AVX-512 nor AVX2 + FMA";
+  torch::manual_seed(11);
+  for (const auto isa : isas) {
+    for (int64_t b : {32, 64, 128}) {
+      const auto rotation = std::get<0>(torch::linalg_qr(torch::randn({b, b}, torch::kDouble))).to(torch::kFloat);
+      for (int64_t count : {1, 5, 7, 8, 13, 64, 67, 200}) {
+        SCOPED_TRACE(isa_name(isa) + ", b = " + std::to_string(b) + ", " + std::to_string(count) + " rows");
+        const auto rows = torch::randn({count, b}) * torch::exp(2.0 * torch::randn({count, 1}));
+        auto out = torch::full({count, b}, std::nanf(""));
+        ASSERT_TRUE(cpu::rotate_rows(out.data_ptr<float>(), rows.data_ptr<float>(), count,
+                                     rotation.contiguous().data_ptr<float>(), b, isa));
+        EXPECT_TRUE(torch::equal(out, fma_chain_product(rows, rotation)));
+      }
+    }
+  }
+}
+
+// The public entry point on every path: the kernel (float32, b a multiple of 32, a column-major
+// rotation as QR returns it), the at::mm fallback (b = 16, float64), and no rows at all.
+TEST(RotateRows, IsTheMatrixProductOnEveryPath) {
+  torch::manual_seed(12);
+  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (int64_t b : {16, 128}) {
+      for (int64_t count : {0, 3, 300}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + ", b = " + std::to_string(b) + ", " +
+                     std::to_string(count) + " rows");
+        const auto rotation = std::get<0>(torch::linalg_qr(torch::randn({b, b}, torch::kDouble))).to(dtype);
+        const auto rows = torch::randn({count, b}, dtype);
+        const auto out = ops::rotate_rows(rows, rotation);
+        EXPECT_EQ(out.scalar_type(), dtype);
+        EXPECT_EQ(out.sizes(), rows.sizes());
+        if (count > 0) expect_close(out, rows.to(torch::kDouble).matmul(rotation.to(torch::kDouble)));
+      }
+    }
+  }
+  const auto rows = torch::randn({4, 32});
+  const auto rotation = torch::eye(32);
+  EXPECT_THROW(ops::rotate_rows(rows, torch::eye(16)), c10::Error);
+  EXPECT_THROW(ops::rotate_rows_out(torch::empty({4, 16}), rows, rotation), c10::Error);
+  EXPECT_THROW(ops::rotate_rows_out(torch::empty({32, 4}).t(), rows, rotation), c10::Error);
+}
+
+// x @ w^T as fma_kernels_cpu.h defines it: k in blocks of kProductBlock, each block one FMA
+// chain from zero, the blocks' sums added in order.
+torch::Tensor blocked_fma_product(const torch::Tensor& x, const torch::Tensor& w) {
+  const auto left = x.contiguous(), right = w.contiguous();
+  const int64_t t = left.size(0), n = right.size(0), k = left.size(1);
+  auto out = torch::empty({t, n}, torch::kFloat);
+  const float *a = left.data_ptr<float>(), *b = right.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t block = 0; block < k; block += cpu::kProductBlock) {
+        float chain = 0.0f;
+        for (int64_t kk = block; kk < std::min(k, block + cpu::kProductBlock); ++kk) {
+          chain = std::fma(a[i * k + kk], b[j * k + kk], chain);
+        }
+        sum = block == 0 ? chain : sum + chain;
+      }
+      result[i * n + j] = sum;
+    }
+  }
+  return out;
+}
+
+// Full and remainder tiles (t), full and narrow panels (n), one, several and a partial k block.
+TEST(MultiplyByTranspose, SumsEachKBlockAsOneFmaChainThenAddsTheBlocksInOrder) {
+  const auto isas = supported_isas();
+  if (isas.empty()) GTEST_SKIP() << "this CPU has neither AVX-512 nor AVX2 + FMA";
+  torch::manual_seed(13);
+  for (const auto isa : isas) {
+    for (const auto& [t, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {1, 1, 1}, {9, 100, 33}, {25, 192, 64}, {31, 500, 70}, {179, 1024, 96}}) {
+      SCOPED_TRACE(isa_name(isa) + ", [" + std::to_string(t) + ", " + std::to_string(k) + "] x [" +
+                   std::to_string(n) + ", " + std::to_string(k) + "]^T");
+      const auto x = torch::randn({t, k}) * torch::exp(torch::randn({t, 1}));
+      const auto w = torch::randn({n, k});
+      auto out = torch::full({t, n}, std::nanf(""));
+      ASSERT_TRUE(cpu::multiply_by_transpose(out.data_ptr<float>(), x.data_ptr<float>(), t, w.data_ptr<float>(), n,
+                                             k, isa));
+      EXPECT_TRUE(torch::equal(out, blocked_fma_product(x, w)));
+    }
+  }
+}
+
+TEST(MultiplyByTranspose, IsTheLinearOutputOnEveryPath) {
+  torch::manual_seed(14);
+  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (const auto& [t, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{0, 64, 8}, {5, 0, 3}, {40, 300, 50}}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", [" + std::to_string(t) + ", " + std::to_string(k) +
+                   "] x [" + std::to_string(n) + ", " + std::to_string(k) + "]^T");
+      const auto x = torch::randn({t, k}, dtype), w = torch::randn({n, k}, dtype);
+      // A transposed view as the weight: the entry point must read it as [n, k].
+      const auto out = ops::multiply_by_transpose(x, w.t().contiguous().t());
+      EXPECT_EQ(out.scalar_type(), dtype);
+      ASSERT_EQ(out.sizes(), (std::vector<int64_t>{t, n}));
+      if (t > 0 && k > 0) expect_close(out, x.to(torch::kDouble).matmul(w.to(torch::kDouble).t()));
+      if (k == 0) EXPECT_TRUE(torch::equal(out, torch::zeros({t, n}, dtype)));
+    }
+  }
+  EXPECT_THROW(ops::multiply_by_transpose(torch::randn({4, 8}), torch::randn({3, 9})), c10::Error);
 }
 
 TEST(QuantizeActivations, MatchesOpsFormula) {

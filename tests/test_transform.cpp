@@ -160,7 +160,8 @@ GreedyRotation greedy_rotation_of_every_row(const torch::Tensor& blocks, int64_t
   std::vector<int64_t> columns;
   for (int64_t step = 0; step < max_steps; ++step) {
     columns.push_back(column);
-    current = current.mm(exchanged(base.to(torch::kFloat), column));
+    // The row product the search itself uses (ops.h): only its row independence is assumed.
+    current = ops::rotate_rows(current, exchanged(base.to(torch::kFloat), column));
     const auto [magnitude, next_column] = peak();
     column = next_column;
     if (magnitude < best_peak) {

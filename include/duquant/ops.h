@@ -33,6 +33,21 @@ torch::Tensor apply_online_transform(const torch::Tensor& x, const torch::Tensor
                                      const torch::Tensor& rotation1, const torch::Tensor& permutation,
                                      const torch::Tensor& rotation2, int64_t padded_in_features);
 
+// rows [n, b] @ rotation [b, b]: every row times the same rotation block (steps 3 and 5 above,
+// and every greedy step of the quantizer). float32 CPU tensors with b a multiple of 32 on an
+// AVX2 or AVX-512 CPU go through the kernel of src/ops/fma_kernels_cpu.h, which computes each
+// entry as one FMA chain in k order, so a row's result never depends on the other rows of the
+// call; anything else is at::mm. `out` must be a contiguous [n, b] tensor of rows' dtype and
+// device that does not overlap `rows`.
+torch::Tensor rotate_rows(const torch::Tensor& rows, const torch::Tensor& rotation);
+void rotate_rows_out(const torch::Tensor& out, const torch::Tensor& rows, const torch::Tensor& rotation);
+
+// x [T, K] @ weight [N, K]^T, a linear layer's output without its bias (the quantizer's clip
+// search). float32 CPU tensors on an AVX2 or AVX-512 CPU go through the kernel of
+// src/ops/fma_kernels_cpu.h (k summed in fixed blocks, each one FMA chain); anything else is
+// matmul.
+torch::Tensor multiply_by_transpose(const torch::Tensor& x, const torch::Tensor& weight);
+
 // uint8 [N, K] levels in 0..15 -> packed uint8 [N, K / 2] (layout of w4a8_layout.h), and back.
 torch::Tensor pack_int4(const torch::Tensor& levels);
 torch::Tensor unpack_int4(const torch::Tensor& packed);

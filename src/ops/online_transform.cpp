@@ -6,13 +6,13 @@
 namespace duquant::ops {
 namespace {
 
-// [T, K] @ (I_{K/b} kron R): view as [T, K/b, b] and multiply every block by the same R.
+// [T, K] @ (I_{K/b} kron R): view as [T * K/b, b] and multiply every block by the same R.
 torch::Tensor rotate_blocks(const torch::Tensor& x, const torch::Tensor& rotation) {
   const int64_t block = rotation.size(0);
   TORCH_CHECK(x.size(1) % block == 0, "duquant: padded in_features ", x.size(1),
               " is not a multiple of the rotation block ", block);
-  auto blocks = x.reshape({x.size(0), x.size(1) / block, block});
-  return torch::matmul(blocks, rotation.to(x.dtype())).reshape({x.size(0), x.size(1)});
+  return rotate_rows(x.reshape({x.size(0) * (x.size(1) / block), block}), rotation.to(x.dtype()))
+      .view({x.size(0), x.size(1)});
 }
 
 }  // namespace
