@@ -1,7 +1,7 @@
 // Two float32 matrix products on the CPU whose every output entry has one fixed order of
 // roundings, whatever the matrix sizes, the tile an entry falls in and the thread count. Both
-// reproduce, bitwise, what MKL's sgemm computes for the same shapes on the hosts measured (AMD
-// EPYC, AVX2 and AVX-512 paths; tests/test_ops_cpu.cpp pins the arithmetic, not MKL), so
+// reproduce, bitwise, what MKL's sgemm computes for the same shapes on the host measured (AMD
+// EPYC, where MKL runs its Zen kernels; tests/test_ops_cpu.cpp pins the arithmetic, not MKL), so
 // replacing MKL by them changed no value of the quantized model, while MKL's packing of both
 // operands and zero-filling of the output were a third of its time on these shapes.
 //
