@@ -225,19 +225,25 @@ TEST(OnlineTransformOp, MatchesDenseFormula) {
   expect_close(actual, expected);
 }
 
-// rows @ rotation as fma_kernels_cpu.h defines it: out[i, j] = fma(x[i, b-1], R[b-1, j], ...
-// fma(x[i, 0], R[0, j], 0)), one chain in k order from zero.
-torch::Tensor fma_chain_product(const torch::Tensor& rows, const torch::Tensor& rotation) {
-  const auto x = rows.contiguous(), r = rotation.contiguous();
-  const int64_t count = x.size(0), b = x.size(1);
-  auto out = torch::empty({count, b}, torch::kFloat);
-  const float *in = x.data_ptr<float>(), *matrix = r.data_ptr<float>();
+// x @ w^T as fma_kernels_cpu.h defines it: k in blocks of `block`, each block one FMA chain in k
+// order from zero, the blocks' sums added in order. One block of b is rotate_rows' single chain.
+torch::Tensor fma_chain_product(const torch::Tensor& x, const torch::Tensor& w, int64_t block) {
+  const auto left = x.contiguous(), right = w.contiguous();
+  const int64_t t = left.size(0), n = right.size(0), k = left.size(1);
+  auto out = torch::empty({t, n}, torch::kFloat);
+  const float *a = left.data_ptr<float>(), *b = right.data_ptr<float>();
   float* result = out.data_ptr<float>();
-  for (int64_t i = 0; i < count; ++i) {
-    for (int64_t j = 0; j < b; ++j) {
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
       float sum = 0.0f;
-      for (int64_t k = 0; k < b; ++k) sum = std::fma(in[i * b + k], matrix[k * b + j], sum);
-      result[i * b + j] = sum;
+      for (int64_t start = 0; start < k; start += block) {
+        float chain = 0.0f;
+        for (int64_t kk = start; kk < std::min(k, start + block); ++kk) {
+          chain = std::fma(a[i * k + kk], b[j * k + kk], chain);
+        }
+        sum = start == 0 ? chain : sum + chain;
+      }
+      result[i * n + j] = sum;
     }
   }
   return out;
@@ -273,7 +279,7 @@ TEST(RotateRows, EveryEntryIsOneFmaChainInKOrderWhateverTheRowCount) {
         auto out = torch::full({count, b}, std::nanf(""));
         ASSERT_TRUE(cpu::rotate_rows(out.data_ptr<float>(), rows.data_ptr<float>(), count,
                                      rotation.contiguous().data_ptr<float>(), b, isa));
-        EXPECT_TRUE(torch::equal(out, fma_chain_product(rows, rotation)));
+        EXPECT_TRUE(torch::equal(out, fma_chain_product(rows, rotation.t(), b)));
       }
     }
   }
@@ -304,30 +310,6 @@ TEST(RotateRows, IsTheMatrixProductOnEveryPath) {
   EXPECT_THROW(ops::rotate_rows_out(torch::empty({32, 4}).t(), rows, rotation), c10::Error);
 }
 
-// x @ w^T as fma_kernels_cpu.h defines it: k in blocks of kProductBlock, each block one FMA
-// chain from zero, the blocks' sums added in order.
-torch::Tensor blocked_fma_product(const torch::Tensor& x, const torch::Tensor& w) {
-  const auto left = x.contiguous(), right = w.contiguous();
-  const int64_t t = left.size(0), n = right.size(0), k = left.size(1);
-  auto out = torch::empty({t, n}, torch::kFloat);
-  const float *a = left.data_ptr<float>(), *b = right.data_ptr<float>();
-  float* result = out.data_ptr<float>();
-  for (int64_t i = 0; i < t; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      float sum = 0.0f;
-      for (int64_t block = 0; block < k; block += cpu::kProductBlock) {
-        float chain = 0.0f;
-        for (int64_t kk = block; kk < std::min(k, block + cpu::kProductBlock); ++kk) {
-          chain = std::fma(a[i * k + kk], b[j * k + kk], chain);
-        }
-        sum = block == 0 ? chain : sum + chain;
-      }
-      result[i * n + j] = sum;
-    }
-  }
-  return out;
-}
-
 // Full and remainder tiles (t), full and narrow panels (n), one, several and a partial k block.
 TEST(MultiplyByTranspose, SumsEachKBlockAsOneFmaChainThenAddsTheBlocksInOrder) {
   const auto isas = supported_isas();
@@ -343,7 +325,7 @@ TEST(MultiplyByTranspose, SumsEachKBlockAsOneFmaChainThenAddsTheBlocksInOrder) {
       auto out = torch::full({t, n}, std::nanf(""));
       ASSERT_TRUE(cpu::multiply_by_transpose(out.data_ptr<float>(), x.data_ptr<float>(), t, w.data_ptr<float>(), n,
                                              k, isa));
-      EXPECT_TRUE(torch::equal(out, blocked_fma_product(x, w)));
+      EXPECT_TRUE(torch::equal(out, fma_chain_product(x, w, cpu::kProductBlock)));
     }
   }
 }
@@ -351,7 +333,8 @@ TEST(MultiplyByTranspose, SumsEachKBlockAsOneFmaChainThenAddsTheBlocksInOrder) {
 TEST(MultiplyByTranspose, IsTheLinearOutputOnEveryPath) {
   torch::manual_seed(14);
   for (const auto dtype : {torch::kFloat, torch::kDouble}) {
-    for (const auto& [t, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{0, 64, 8}, {5, 0, 3}, {40, 300, 50}}) {
+    const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes{{0, 64, 8}, {5, 0, 3}, {40, 300, 50}};
+    for (const auto& [t, k, n] : shapes) {
       SCOPED_TRACE(std::string(c10::toString(dtype)) + ", [" + std::to_string(t) + ", " + std::to_string(k) +
                    "] x [" + std::to_string(n) + ", " + std::to_string(k) + "]^T");
       const auto x = torch::randn({t, k}, dtype), w = torch::randn({n, k}, dtype);
