@@ -218,22 +218,28 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
         std::partition_point(norms, norms + count, [&](float norm) { return norm >= threshold; }) - norms;
     return std::max(reaching, active);
   };
-  // The peak of the first `active` rotated rows as peak_entry over the blocks in their own order
+  // The peak of rotated rows [begin, end) as peak_entry over the blocks in their own order
   // reports it: the largest |entry|, among equal ones the lowest row of `blocks`, then column.
-  const auto peak_of = [&](const torch::Tensor& rotated, int64_t active) {
-    const auto maxima = row_absmax(rotated.slice(0, 0, active)).cpu();
+  // Its index is original row * b + column, so of two peaks of equal magnitude the lower index
+  // is the one peak_entry would report (earlier_peak).
+  const auto peak_of = [&](const torch::Tensor& rotated, int64_t begin, int64_t end) {
+    const auto maxima = row_absmax(rotated.slice(0, begin, end)).cpu();
     const float* maximum = maxima.data_ptr<float>();
+    const int64_t* row_of = original_row + begin;
     int64_t best = 0;
-    for (int64_t i = 1; i < active; ++i) {
-      if (maximum[i] > maximum[best] || (maximum[i] == maximum[best] && original_row[i] < original_row[best])) {
-        best = i;
-      }
+    for (int64_t i = 1; i < end - begin; ++i) {
+      if (maximum[i] > maximum[best] || (maximum[i] == maximum[best] && row_of[i] < row_of[best])) best = i;
     }
-    const auto row = rotated[best].cpu().contiguous();
+    const auto row = rotated[begin + best].cpu().contiguous();
     const float* entries = row.data_ptr<float>();
     int64_t column = 0;
     while (std::abs(entries[column]) != maximum[best]) ++column;
-    return PeakEntry{maximum[best], original_row[best] * b + column};
+    return PeakEntry{maximum[best], row_of[best] * b + column};
+  };
+  const auto earlier_peak = [](const PeakEntry& first, const PeakEntry& second) {
+    const bool second_wins =
+        second.magnitude > first.magnitude || (second.magnitude == first.magnitude && second.index < first.index);
+    return second_wins ? second : first;
   };
 
   // R~ is drawn on the CPU (seeded generator, QR) whatever the device, so every device learns
@@ -260,7 +266,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
     step_rotations.push_back(exchange_zero_with(base_float, outlier_columns.back()));
     auto rotated = next.slice(0, 0, active);
     ops::rotate_rows_out(rotated, current.slice(0, 0, active), step_rotations.back());
-    peak = peak_of(next, active);
+    peak = peak_of(next, 0, active);
     const int64_t joined = rows_reaching(peak.magnitude, active);
     if (joined > active) {
       // The joining rows catch up on every step so far, in GEMMs of at least kMinGreedyGemmRows
@@ -270,8 +276,9 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
       auto caught_up = sorted_rows.slice(0, window, joined);
       for (const auto& rotation : step_rotations) caught_up = ops::rotate_rows(caught_up, rotation);
       next.slice(0, active, joined).copy_(caught_up.slice(0, active - window));
+      // Only the joined rows are scanned: the others' peak is already known.
+      peak = earlier_peak(peak, peak_of(next, active, joined));
       active = joined;
-      peak = peak_of(next, active);
     }
     std::swap(current, next);
     // Keep the prefix with the lowest peak: later steps may undo earlier gains.
