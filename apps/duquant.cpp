@@ -801,6 +801,9 @@ int main(int argc, char** argv) {
     return static_cast<int>(error.code());
   } catch (const c10::Error& error) {
     std::cerr << "duquant: error: " << one_line(error.what_without_backtrace()) << "\n";
+    // PyTorch's own switch for C++ stack traces: where inside duquant a LibTorch call failed.
+    const char* stack_traces = std::getenv("TORCH_SHOW_CPP_STACKTRACES");
+    if (stack_traces && std::string(stack_traces) == "1") std::cerr << error.what() << "\n";
     return static_cast<int>(ExitCode::Failure);
   } catch (const std::exception& error) {
     std::cerr << "duquant: error: " << one_line(error.what()) << "\n";

@@ -2,19 +2,19 @@
 # GPU validation of the CUDA kernels and of CUDA-graph runs in one call on a GPU machine (the
 # development machines have no GPU). Two steps:
 #   bash scripts/gpu_check.sh prepare
-#       on a machine with the project's .venv and package access: downloads and unpacks the Debian
-#       headers/libraries a bare GPU machine image lacks into .gpu_deps/ (git-ignored) and generates
-#       the tiny pi0 fixtures into .gpu_deps/fixtures.
+#       on a machine with package access: downloads and unpacks the Debian headers/libraries a bare
+#       GPU machine image lacks into .gpu_deps/ (git-ignored, a few MB: small enough to send along).
 #   bash scripts/gpu_check.sh run OUTPUT_DIR
 #       on the GPU machine, with .gpu_deps/ next to the sources and the machine's own python3 torch
-#       and nvcc: builds for the machine's GPU only, runs the CUDA tests (kernels against the CPU
-#       reference, CUDA-graph capture), the tiny pi0 through `duquant run` on CPU, CUDA and CUDA
-#       graph, generates the full-size pi0 (bf16) while building, quantizes it to W4A8 (on the GPU
-#       when `duquant quantize` has --device), then the end-to-end benchmark (bf16 vs W4A8, eager and
-#       under CUDA graphs) and the per-layer operator benchmark. Every step has its own time limit
-#       and logs into OUTPUT_DIR; a failing step does not stop the later ones. The whole call stays
-#       within DUQUANT_GPU_BUDGET_SECONDS (default 570); OUTPUT_DIR/summary.txt lists each step's
-#       exit code and seconds, the test totals and the end-to-end table.
+#       and nvcc: builds for the machine's GPU only while generating the tiny and the full-size pi0
+#       there (the models are too large to send), runs the CUDA tests (kernels against the CPU
+#       reference, CUDA-graph capture), the per-layer operator benchmark, the tiny pi0 through
+#       `duquant run` on CPU, CUDA and CUDA graph, quantizes the full-size pi0 (bf16) to W4A8 on the
+#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs). Every step
+#       has its own time limit and logs into OUTPUT_DIR; a failing step does not stop the later
+#       ones. The whole call stays within DUQUANT_GPU_BUDGET_SECONDS (default 540);
+#       OUTPUT_DIR/summary.txt lists each step's exit code and seconds, the test totals and the
+#       end-to-end table.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,8 +23,9 @@ PACKAGES=(libcli11-dev nlohmann-json3-dev libgtest-dev libpcre2-dev libpcre2-8-0
 NOTE_EXCLUDE='(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)'
 
 # step NAME SECONDS COMMAND...: runs COMMAND with a time limit (cut to what is left of the whole
-# call's budget, DEADLINE in $SECONDS), output to OUT/NAME.log, and records its exit code
-# (124: timed out or skipped) and duration in the summary.
+# call's budget, DEADLINE in $SECONDS), output to LOGS/NAME.log, and records its exit code
+# (124: timed out or skipped) and duration in the summary. The logs are archived again after each
+# step into OUT/logs.tar.gz, so that a call cut short still leaves every finished step's log.
 step() {
   local name="$1" limit="$2"
   shift 2
@@ -35,10 +36,25 @@ step() {
   fi
   ((limit > remaining)) && limit=$remaining
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+  archive_logs
   return $rc
+}
+
+archive_logs() { tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null; }
+
+# generate NAME SECONDS MAKE_PI0_ARGS...: scripts/make_pi0.py in the background (its PID in $!),
+# logged and summarised like a step.
+generate() {
+  local name="$1" limit="$2"
+  shift 2
+  (
+    start=$SECONDS
+    timeout "$limit" python3 scripts/make_pi0.py "$@" > "$LOGS/$name.log" 2>&1
+    echo "$name: exit $?, $((SECONDS - start)) s (in the background)" >> "$OUT/summary.txt"
+  ) &
 }
 
 case "${1:-}" in
@@ -48,7 +64,6 @@ case "${1:-}" in
     (cd "$DEPS/debs" && apt-get download "${PACKAGES[@]}")
     for deb in "$DEPS"/debs/*.deb; do dpkg -x "$deb" "$DEPS/root"; done
     rm -rf "$DEPS/debs"
-    bash scripts/make_fixtures.sh "$DEPS/fixtures"
     du -sh "$DEPS"
     ;;
   run)
@@ -59,16 +74,21 @@ case "${1:-}" in
     mkdir -p "$2"
     OUT="$(cd "$2" && pwd)"
     : > "$OUT/summary.txt"
-    DEADLINE=$((SECONDS + ${DUQUANT_GPU_BUDGET_SECONDS:-570}))
+    DEADLINE=$((SECONDS + ${DUQUANT_GPU_BUDGET_SECONDS:-540}))
     WORK="${DUQUANT_GPU_WORK:-/tmp/duquant-gpu}"  # full-size models: several GB, outside the sources
-    mkdir -p "$WORK"
+    LOGS="$WORK/logs"
+    mkdir -p "$LOGS"
     BUILD="$ROOT/build-gpu"
-    F="$DEPS/fixtures"
+    F="$WORK/fixtures"
     export DUQUANT_FIXTURE_DIR="$F"
-    export PKG_CONFIG_PATH="$DEPS/root/usr/lib/x86_64-linux-gnu/pkgconfig:$DEPS/root/usr/share/pkgconfig"
     export LD_LIBRARY_PATH="$DEPS/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$OUT/device.txt"
-    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/device.txt"
+    # A LibTorch error names where in duquant it came from (with the executables' symbols exported).
+    export TORCH_SHOW_CPP_STACKTRACES=1
+    {
+      nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
+      python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+      echo "$(nproc) CPU cores, $(command -v nvcc) $(nvcc --version | tail -1), $(cmake --version | head -1)"
+    } | tee -a "$OUT/summary.txt"
     TORCH_PREFIX="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')"
     # Only this GPU's architecture: halves the kernels' compile time (Hopper needs 9.0a for its
     # arch-specific instructions).
@@ -78,25 +98,29 @@ case "${1:-}" in
     generator=(-G Ninja)
     command -v ninja > /dev/null || generator=()
 
-    # The full-size pi0 is generated on the CPU while the project builds.
-    (
-      start=$SECONDS
-      timeout 420 python3 scripts/make_pi0.py --variant pi0 --size full --exports script --out "$WORK" \
-        > "$OUT/make_pi0_full.log" 2>&1
-      echo "make_pi0_full: exit $?, $((SECONDS - start)) s (in the background)" >> "$OUT/summary.txt"
-    ) &
+    # Both models are generated on the CPU while the project builds: the tiny pi0 (seconds; the
+    # CUDA-graph test and the CLI runs wait for it) and the full-size one (the last steps wait).
+    generate make_pi0_tiny 240 --variant pi0 --size tiny --exports script --out "$F"
+    tiny_generation=$!
+    generate make_pi0_full 420 --variant pi0 --size full --exports script --out "$WORK"
     generation=$!
 
-    step configure 120 cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DDUQUANT_WITH_CUDA=ON \
-      -DDUQUANT_CUDA_ARCH_LIST="$capability" -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$DEPS/root/usr" \
+    step configure 120 cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_ENABLE_EXPORTS=ON \
+      -DDUQUANT_WITH_CUDA=ON -DDUQUANT_CUDA_ARCH_LIST="$capability" -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$DEPS/root/usr" \
       -DCMAKE_INCLUDE_PATH="$DEPS/root/usr/include"
     step build 300 cmake --build "$BUILD" -j "$(nproc)" --target duquant duquant_bench test_ops_layout_cuda \
-      test_ops_cuda test_cuda_graph
-    grep -iE "warning|spill" "$OUT/build.log" > "$OUT/build_warnings.txt" || true
+      test_ops_cuda test_cuda_graph test_quantize_model
+    grep -iE "warning|spill" "$LOGS/build.log" > "$LOGS/build_warnings.txt" || true
 
     step test_ops_layout_cuda 60 "$BUILD/tests/test_ops_layout_cuda"
     step test_ops_cuda 150 "$BUILD/tests/test_ops_cuda"
+    # The kernels' speed, per layer shape (no model needed).
+    step bench_ops 120 "$BUILD/duquant_bench" --iterations 100 --warmup 10 --json "$OUT/bench_ops.json"
+
+    wait "$tiny_generation"
     step test_cuda_graph 150 "$BUILD/tests/test_cuda_graph"
+    step test_quantize_on_cuda 150 "$BUILD/tests/test_quantize_model" \
+      --gtest_filter=PipelineOptions.CudaQuantizationMatchesTheCpu
 
     # The tiny pi0, W4A8: the CLI on CPU, CUDA and as a CUDA graph; the outputs compared.
     step quantize_tiny 120 "$BUILD/duquant" quantize "$F/pi0_tiny_script.pt" -o "$WORK/pi0_tiny_w4a8.pt" \
@@ -106,7 +130,7 @@ case "${1:-}" in
     step run_tiny_cuda 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --save "$WORK/tiny_cuda.pt"
     step run_tiny_cuda_graph 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --cuda-graph --repeat 20 \
       --save "$WORK/tiny_cuda_graph.pt"
-    python3 - "$WORK" > "$OUT/run_tiny_compare.log" 2>&1 <<'PY'
+    python3 - "$WORK" > "$LOGS/run_tiny_compare.log" 2>&1 <<'PY'
 import sys, torch
 work = sys.argv[1]
 cpu = torch.jit.load(f"{work}/tiny_cpu.pt").output.float()
@@ -125,14 +149,16 @@ PY
     step bench_end_to_end 240 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
       --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
       --json "$OUT/bench_end_to_end.json"
-    step bench_ops 120 "$BUILD/duquant_bench" --iterations 100 --warmup 10 --json "$OUT/bench_ops.json"
 
-    for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph; do
-      grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/$log.log" | sed "s/^/$log: /" >> "$OUT/summary.txt"
+    for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph test_quantize_on_cuda; do
+      grep -E "^\[  (PASSED  |SKIPPED )\] [0-9]+ test|^\[  FAILED  \] .*\)$" "$LOGS/$log.log" | sed "s/^/$log: /" \
+        >> "$OUT/summary.txt"
+      grep -E -A6 "^[^ ]+:[0-9]+: Failure" "$LOGS/$log.log" | head -80 >> "$OUT/summary.txt"
     done
-    cat "$OUT/run_tiny_compare.log" >> "$OUT/summary.txt"
-    grep -E "^\[DUQUANT\] (calibration|target layer memory)" "$OUT/quantize_full.log" >> "$OUT/summary.txt"
-    sed -n '/^end to end/,$p' "$OUT/bench_end_to_end.log" >> "$OUT/summary.txt"
+    cat "$LOGS/run_tiny_compare.log" >> "$OUT/summary.txt"
+    grep -E "^\[DUQUANT\] (calibration|target layer memory)" "$LOGS/quantize_full.log" >> "$OUT/summary.txt"
+    sed -n '/^end to end/,$p' "$LOGS/bench_end_to_end.log" >> "$OUT/summary.txt"
+    archive_logs
     cat "$OUT/summary.txt"
     ;;
   *)

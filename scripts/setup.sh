@@ -12,7 +12,7 @@ cd "$ROOT"
 TORCH_VERSION=2.11.0
 LEROBOT_VERSION=0.6.1
 PYTHON_VERSION=3.12
-APT_PACKAGES=(cmake ninja-build g++ pkg-config
+APT_PACKAGES=(cmake ninja-build g++
   libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev)
 
 missing=()

@@ -118,14 +118,17 @@ std::map<std::string, LayerStatistics> calibrate(const torch::jit::Module& model
     throw;
   }
 
+  // The statistics leave their observers before the model goes back: Module::to moves a buffer in
+  // place (Tensor::set_data), so a statistic still held by an observer would move to the CPU with it.
   std::map<std::string, LayerStatistics> statistics;
-  for (const auto& [path, observer] : observers) {
+  for (auto& [path, observer] : observers) {
     LayerStatistics stats;
     stats.absmax = observer.attr("absmax").toTensor();
     stats.sample = observer.attr("sample").toTensor();
     stats.tokens = observer.attr("tokens").toInt();
     const int64_t calls = observer.attr("calls").toInt();
     if (calls > 0 && observer.attr("hessian_calls").toInt() == calls) stats.hessian = observer.attr("hessian").toTensor();
+    for (const char* name : {"absmax", "sample", "hessian"}) observer.setattr(name, torch::empty({0}));
     statistics.emplace(path, std::move(stats));
   }
   if (moved) observing.to(torch::kCPU);

@@ -1,7 +1,8 @@
 // GPTQ rounding (arXiv 2210.17323, Algorithm 1) of the DuQuant-transformed weight on the grids
-// the clipping search chose. Tensor ops only, everything on the weight's device, so the same code
-// runs wherever the pipeline puts the layer; the factorisation is float32 (as the paper's
-// reference), with the dampening raised tenfold until the Cholesky factorisation succeeds.
+// the clipping search chose. Tensor ops and one operator per batch of columns, everything on the
+// weight's device, so the same code runs wherever the pipeline puts the layer; the factorisation
+// is float32 (as the paper's reference), with the dampening raised tenfold until the Cholesky
+// factorisation succeeds.
 #include "duquant/gptq.h"
 
 #include <algorithm>
@@ -96,20 +97,12 @@ QuantizedWeight gptq_round(const torch::Tensor& weight, const QuantizedWeight& g
   const int64_t block = std::max<int64_t>(1, options.block_columns);
   for (int64_t begin = 0; begin < k; begin += block) {
     const int64_t end = std::min(k, begin + block);
-    auto block_weight = work.slice(1, begin, end).clone();
-    auto block_error = torch::empty_like(block_weight);
-    const auto block_upper = upper.slice(0, begin, end).slice(1, begin, end);
-    for (int64_t i = 0; i < end - begin; ++i) {
-      const auto column = block_weight.select(1, i);
-      const auto column_scale = scale.select(1, begin + i);
-      const auto column_zero = zero.select(1, begin + i);
-      const auto column_levels = round_to_grid(column, column_scale, column_zero, max_level);
-      levels.select(1, begin + i).copy_(column_levels);
-      // Algorithm 1: err = (w - q) / [H^-1]_ii, then W[:, i:] -= err * [H^-1]_i,i: (Cholesky row).
-      const auto error = (column - grid_values(column_levels, column_scale, column_zero)) / block_upper[i][i];
-      block_weight.slice(1, i).sub_(error.unsqueeze(1) * block_upper.select(0, i).slice(0, i).unsqueeze(0));
-      block_error.select(1, i).copy_(error);
-    }
+    // Algorithm 1 inside the batch, one operator call (src/ops/gptq_sweep.h): each column is
+    // rounded, err = (w - q) / [H^-1]_ii, and the later columns of the batch move by err * U_i.
+    const auto [block_levels, block_error] =
+        ops::gptq_sweep_block(work.slice(1, begin, end), scale.slice(1, begin, end), zero.slice(1, begin, end),
+                              upper.slice(0, begin, end).slice(1, begin, end), max_level);
+    levels.slice(1, begin, end).copy_(block_levels);
     // Lazy batch update of the columns after the block.
     if (end < k) work.slice(1, end).sub_(block_error.matmul(upper.slice(0, begin, end).slice(1, end)));
   }

@@ -182,7 +182,7 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
   }
   {
     StageTimer timer(result.times, Stage::Packing);
-    result.packed = ops::pack_int4(levels.cpu());
+    result.packed = ops::pack_int4(levels);
   }
   result.group_size = options.group_size > 0 ? options.group_size : -1;
   result.mean_clip_ratio = rows > 0 ? chosen_ratio.mean().item<double>() : options.clip_ratios.front();
@@ -196,7 +196,6 @@ QuantizedWeight quantize_weight(const torch::Tensor& weight, const torch::Tensor
                                    : error_energy == 0.0 ? 0.0
                                                          : std::numeric_limits<double>::infinity();
   }
-  result.packed = result.packed.to(device);
   return result;
 }
 

@@ -142,5 +142,67 @@ TEST(Gptq, OutlierLayerHeldOutErrorGptqVsNearest) {
   EXPECT_LT(gptq_held_out, 0.9 * nearest_held_out);
 }
 
+// Algorithm 1 inside one batch of columns, written column by column with tensor operations (how
+// src/gptq.cpp first computed it): the reference the sweep operator must match bit for bit.
+std::pair<torch::Tensor, torch::Tensor> column_by_column_sweep(const torch::Tensor& block, const torch::Tensor& scale,
+                                                               const torch::Tensor& zero, const torch::Tensor& upper,
+                                                               int64_t max_level) {
+  auto weight = block.clone();
+  auto levels = torch::empty_like(weight), errors = torch::empty_like(weight);
+  for (int64_t i = 0; i < weight.size(1); ++i) {
+    const auto column = weight.select(1, i), column_scale = scale.select(1, i), column_zero = zero.select(1, i);
+    const auto column_levels = round_to_grid(column, column_scale, column_zero, max_level);
+    const auto error = (column - grid_values(column_levels, column_scale, column_zero)) / upper[i][i];
+    weight.slice(1, i).sub_(error.unsqueeze(1) * upper.select(0, i).slice(0, i).unsqueeze(0));
+    levels.select(1, i).copy_(column_levels);
+    errors.select(1, i).copy_(error);
+  }
+  return {levels, errors};
+}
+
+struct SweepInputs {
+  torch::Tensor block, scale, zero, upper;
+};
+
+// A batch cut out of wider [N, 300] matrices (row stride 300, as gptq_round passes its slices),
+// with per-entry grids whose ranges are a third of the weights' (so clamping to 0 and max_level
+// happens), and a well-conditioned upper factor.
+SweepInputs sweep_inputs(int64_t rows, int64_t columns, uint64_t seed) {
+  const auto wide = gaussian({rows, 300}, seed);
+  const auto scale = (gaussian({rows, 300}, seed + 1).abs() * 0.05 + 0.02);
+  const auto zero = torch::randint(0, 16, {rows, 300}, at::make_generator<at::CPUGeneratorImpl>(seed + 2)).to(torch::kFloat);
+  const auto spread = gaussian({300, 300}, seed + 3) * 0.1;
+  const auto upper = (spread.triu(1) + torch::diag(gaussian({300}, seed + 4).abs() + 0.5)).contiguous();
+  return {wide.slice(1, 7, 7 + columns), scale.slice(1, 7, 7 + columns), zero.slice(1, 7, 7 + columns),
+          upper.slice(0, 7, 7 + columns).slice(1, 7, 7 + columns)};
+}
+
+TEST(GptqSweep, RoundsEachColumnThenMovesTheLaterOnesBitwiseLikeTheColumnByColumnOps) {
+  for (const int64_t columns : {1, 37, 128, 256}) {
+    const auto inputs = sweep_inputs(61, columns, 40 + columns);
+    const auto [levels, errors] = ops::gptq_sweep_block(inputs.block, inputs.scale, inputs.zero, inputs.upper, 15);
+    const auto [expected_levels, expected_errors] =
+        column_by_column_sweep(inputs.block, inputs.scale, inputs.zero, inputs.upper, 15);
+    EXPECT_TRUE(torch::equal(levels, expected_levels)) << columns << " columns";
+    EXPECT_TRUE(torch::equal(errors, expected_errors)) << columns << " columns";
+    // The inputs reach both ends of the grid and the errors carry over: not a nearest rounding.
+    EXPECT_GT((levels == 0).sum().item<int64_t>() + (levels == 15).sum().item<int64_t>(), 0);
+    if (columns > 1) {
+      const auto nearest = round_to_grid(inputs.block, inputs.scale, inputs.zero, 15);
+      EXPECT_FALSE(torch::equal(levels, nearest)) << columns << " columns";
+    }
+  }
+}
+
+TEST(GptqSweep, RejectsMismatchedShapesAndDtypes) {
+  const auto inputs = sweep_inputs(4, 8, 50);
+  EXPECT_THROW(ops::gptq_sweep_block(inputs.block, inputs.scale.slice(1, 0, 7), inputs.zero, inputs.upper, 15),
+               c10::Error);
+  EXPECT_THROW(ops::gptq_sweep_block(inputs.block, inputs.scale, inputs.zero, inputs.upper.slice(0, 0, 7), 15),
+               c10::Error);
+  EXPECT_THROW(ops::gptq_sweep_block(inputs.block.to(torch::kDouble), inputs.scale, inputs.zero, inputs.upper, 15),
+               c10::Error);
+}
+
 }  // namespace
 }  // namespace duquant

@@ -483,5 +483,28 @@ INSTANTIATE_TEST_SUITE_P(
                       CaptureCase{"UnquantizedActivationsFloatPath", {1024, 256}, 7, torch::kFloat, 0}),
     [](const ::testing::TestParamInfo<CaptureCase>& info) { return info.param.name; });
 
+// GPTQ's batch sweep (src/ops/gptq_sweep.h): the CUDA kernel rounds every column as the CPU
+// kernel does, bit for bit, on strided batches of every width the kernel takes (one column, a
+// partial warp, the default 128, its 256 maximum) and more rows than one thread block holds.
+TEST(GptqSweepCuda, EqualsTheCpuKernelBitwise) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  for (const int64_t columns : {1, 45, 128, 256}) {
+    const int64_t rows = 203, width = 300;
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(60 + columns);
+    const auto wide = torch::randn({rows, width}, generator);
+    const auto scale = torch::rand({rows, width}, generator) * 0.05 + 0.02;
+    const auto zero = torch::randint(0, 16, {rows, width}, generator).to(torch::kFloat);
+    const auto upper = (torch::randn({width, width}, generator) * 0.1).triu(1) +
+                       torch::diag(torch::rand({width}, generator) + 0.5);
+    const auto batch = [&](const torch::Tensor& tensor) { return tensor.slice(1, 3, 3 + columns); };
+    const auto square = upper.slice(0, 3, 3 + columns).slice(1, 3, 3 + columns);
+    const auto [levels, errors] = gptq_sweep_block(batch(wide), batch(scale), batch(zero), square, 15);
+    const auto [cuda_levels, cuda_errors] = gptq_sweep_block(batch(wide.cuda()), batch(scale.cuda()),
+                                                             batch(zero.cuda()), square.cuda(), 15);
+    EXPECT_TRUE(torch::equal(cuda_levels.cpu(), levels)) << columns << " columns";
+    EXPECT_TRUE(torch::equal(cuda_errors.cpu(), errors)) << columns << " columns";
+  }
+}
+
 }  // namespace
 }  // namespace duquant::ops

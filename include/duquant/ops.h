@@ -24,6 +24,8 @@
 
 #include <torch/torch.h>
 
+#include <tuple>
+
 namespace duquant::ops {
 
 // Steps 1-5 above on a 2-D [T, in_features] tensor; returns float32 [T, padded_in_features].
@@ -48,7 +50,16 @@ void rotate_rows_out(const torch::Tensor& out, const torch::Tensor& rows, const 
 // matmul.
 torch::Tensor multiply_by_transpose(const torch::Tensor& x, const torch::Tensor& weight);
 
-// uint8 [N, K] levels in 0..15 -> packed uint8 [N, K / 2] (layout of w4a8_layout.h), and back.
+// One lazy batch of GPTQ rounding (data layout and arithmetic in src/ops/gptq_sweep.h), on the CPU
+// or the GPU by the block's device: block, scale, zero float32 [N, B], upper float32 [B, B] (the
+// batch's diagonal block of U, the upper Cholesky factor of H^-1). Returns the levels and the
+// scaled errors, float32 [N, B] each; the same on either device.
+std::tuple<torch::Tensor, torch::Tensor> gptq_sweep_block(const torch::Tensor& block, const torch::Tensor& scale,
+                                                          const torch::Tensor& zero, const torch::Tensor& upper,
+                                                          int64_t max_level);
+
+// uint8 [N, K] levels in 0..15 -> packed uint8 [N, K / 2] (layout of w4a8_layout.h), on the levels'
+// device, and back (unpacked on the CPU).
 torch::Tensor pack_int4(const torch::Tensor& levels);
 torch::Tensor unpack_int4(const torch::Tensor& packed);
 

@@ -15,7 +15,9 @@ torch::Tensor pack_int4(const torch::Tensor& levels) {
   TORCH_CHECK(k % layout::kWeightsPerByte == 0, "duquant: pack_int4 needs an even K, got ", k);
   TORCH_CHECK(levels.numel() == 0 || levels.max().item<int>() <= layout::kWeightMaxLevel,
               "duquant: pack_int4 levels exceed ", layout::kWeightMaxLevel);
-  auto src = levels.contiguous();
+  // Packed on the host (a byte shuffle, a small part of a layer's quantization) and returned on
+  // the levels' device, where GPTQ computes them.
+  const auto src = levels.contiguous().cpu();
   auto packed = torch::zeros({n_rows, layout::packed_row_bytes(k)}, torch::kUInt8);
   const uint8_t* in = src.data_ptr<uint8_t>();
   uint8_t* out = packed.data_ptr<uint8_t>();
@@ -29,7 +31,7 @@ torch::Tensor pack_int4(const torch::Tensor& levels) {
                        }
                      }
                    });
-  return packed;
+  return packed.to(levels.device());
 }
 
 torch::Tensor unpack_int4(const torch::Tensor& packed) {
