@@ -22,6 +22,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -390,9 +391,14 @@ int main(int argc, char** argv) {
     const auto* properties = at::cuda::getCurrentDeviceProperties();
     fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
                properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
+    // The operator reads DUQUANT_CUDA_ROTATION at every call; the table says which path it timed.
+    const char* rotation_path = std::getenv("DUQUANT_CUDA_ROTATION");
+    const std::string rotations = rotation_path != nullptr && *rotation_path != '\0' ? rotation_path : "cuda-cores";
+    fmt::print("pre-kernel rotations: {} (DUQUANT_CUDA_ROTATION)\n", rotations);
 
     nlohmann::json report;
     report["device"] = properties->name;
+    report["pre_kernel_rotations"] = rotations;
     if (!skip_ops) report["ops"] = run_operator_table(token_counts, warmup, iterations);
     if (end_to_end) {
       report["end_to_end"] = run_end_to_end(model_path, quantized_path, inputs_path, method, model_warmup,

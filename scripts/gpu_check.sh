@@ -10,7 +10,9 @@
 #       there (the models are too large to send), runs the CUDA tests (kernels against the CPU
 #       reference, CUDA-graph capture), the per-layer operator benchmark, the tiny pi0 through
 #       `duquant run` on CPU, CUDA and CUDA graph, quantizes the full-size pi0 (bf16) to W4A8 on the
-#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs). Every step
+#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs); the operator
+#       benchmark, a tiny run and the end-to-end benchmark again with the pre-kernel's rotations on
+#       tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores). Every step
 #       has its own time limit and logs into OUTPUT_DIR; a failing step does not stop the later
 #       ones. The whole call stays within DUQUANT_GPU_BUDGET_SECONDS (default 540);
 #       OUTPUT_DIR/summary.txt lists each step's exit code and seconds, the test totals and the
@@ -116,6 +118,9 @@ case "${1:-}" in
     step test_ops_cuda 150 "$BUILD/tests/test_ops_cuda"
     # The kernels' speed, per layer shape (no model needed).
     step bench_ops 120 "$BUILD/duquant_bench" --iterations 100 --warmup 10 --json "$OUT/bench_ops.json"
+    # The same with the pre-kernel's rotations on tensor cores (fp16 hi/lo MMAs instead of fp32 FMAs).
+    step bench_ops_tensor_cores 120 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant_bench" --iterations 100 \
+      --warmup 10 --json "$OUT/bench_ops_tensor_cores.json"
 
     wait "$tiny_generation"
     step test_cuda_graph 150 "$BUILD/tests/test_cuda_graph"
@@ -130,11 +135,13 @@ case "${1:-}" in
     step run_tiny_cuda 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --save "$WORK/tiny_cuda.pt"
     step run_tiny_cuda_graph 60 "$BUILD/duquant" run "${tiny[@]}" --device cuda --cuda-graph --repeat 20 \
       --save "$WORK/tiny_cuda_graph.pt"
+    step run_tiny_cuda_graph_tensor_cores 60 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant" run "${tiny[@]}" \
+      --device cuda --cuda-graph --repeat 20 --save "$WORK/tiny_cuda_graph_tensor_cores.pt"
     python3 - "$WORK" > "$LOGS/run_tiny_compare.log" 2>&1 <<'PY'
 import sys, torch
 work = sys.argv[1]
 cpu = torch.jit.load(f"{work}/tiny_cpu.pt").output.float()
-for name in ("tiny_cuda", "tiny_cuda_graph"):
+for name in ("tiny_cuda", "tiny_cuda_graph", "tiny_cuda_graph_tensor_cores"):
     other = torch.jit.load(f"{work}/{name}.pt").output.float()
     print(f"pi0 tiny W4A8, {name} vs CPU: max abs {(cpu - other).abs().max().item():.3e}, "
           f"rel L2 {((cpu - other).norm() / cpu.norm()).item():.3e}")
@@ -149,6 +156,9 @@ PY
     step bench_end_to_end 240 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
       --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
       --json "$OUT/bench_end_to_end.json"
+    step bench_end_to_end_tensor_cores 240 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant_bench" --no-ops \
+      --model "$WORK/pi0_full_script.pt" --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" \
+      --model-iterations 20 --json "$OUT/bench_end_to_end_tensor_cores.json"
 
     for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph test_quantize_on_cuda; do
       grep -E "^\[  (PASSED  |SKIPPED )\] [0-9]+ test|^\[  FAILED  \] .*\)$" "$LOGS/$log.log" | sed "s/^/$log: /" \
@@ -157,7 +167,10 @@ PY
     done
     cat "$LOGS/run_tiny_compare.log" >> "$OUT/summary.txt"
     grep -E "^\[DUQUANT\] (calibration|target layer memory)" "$LOGS/quantize_full.log" >> "$OUT/summary.txt"
-    sed -n '/^end to end/,$p' "$LOGS/bench_end_to_end.log" >> "$OUT/summary.txt"
+    for log in bench_end_to_end bench_end_to_end_tensor_cores; do
+      echo "$log:" >> "$OUT/summary.txt"
+      sed -n '/^end to end/,$p' "$LOGS/$log.log" >> "$OUT/summary.txt"
+    done
     archive_logs
     cat "$OUT/summary.txt"
     ;;

@@ -23,7 +23,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -419,6 +421,106 @@ TEST(W4A8LinearCuda, RejectsMisplacedAndUnsupportedArguments) {
                c10::Error);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The pre-kernel's rotations on tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores; fp16 hi/lo
+// operands, w4a8_kernel_layout.h): the same comparisons with the CPU as the CUDA-core path, ties
+// counted the same way, and exact rotations still exact.
+
+// Sets DUQUANT_CUDA_ROTATION for the enclosing scope and restores what was there.
+class RotationPath {
+ public:
+  explicit RotationPath(const char* path) {
+    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
+    setenv(kVariable, path, 1);
+  }
+  ~RotationPath() {
+    if (previous_) {
+      setenv(kVariable, previous_->c_str(), 1);
+    } else {
+      unsetenv(kVariable);
+    }
+  }
+  RotationPath(const RotationPath&) = delete;
+  RotationPath& operator=(const RotationPath&) = delete;
+
+ private:
+  static constexpr const char* kVariable = "DUQUANT_CUDA_ROTATION";
+  std::optional<std::string> previous_;
+};
+
+TEST(W4A8LinearCudaTensorCoreRotation, Pi0ShapesAtOneAndExpertTokens) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 1, torch::kBFloat16, 2100 + in + out);
+  for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 51, torch::kBFloat16, 2200 + in + out);
+}
+
+// K = 16384 stages one rotation at a time on sm_90 (both do not fit beside the rows).
+TEST(W4A8LinearCudaTensorCoreRotation, Pi0ShapesAtPrefixTokens) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  check_layer({2048, 2048}, 816, torch::kBFloat16, 2401);
+  check_layer({16384, 2048}, 816, torch::kBFloat16, 2402);
+  check_layer({2048, 16384}, 816, torch::kBFloat16, 2403);
+}
+
+TEST(W4A8LinearCudaTensorCoreRotation, PaddedGroupedAndOddShapes) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  check_layer({1152, 1152, 128, -1, true}, 51, torch::kBFloat16, 2601);  // 9 blocks: a partly empty m16 tile
+  check_layer({1000, 200, 128, -1, true}, 3, torch::kFloat, 2603);       // padded to 1024
+  check_layer({2048, 256, 128, 64}, 51, torch::kBFloat16, 2801);
+  check_layer({16384, 256, 128, 128}, 816, torch::kHalf, 2804);
+  for (const auto dtype : {torch::kFloat, torch::kHalf}) check_layer({1024, 256, 128, -1, true}, 51, dtype, 2900);
+}
+
+// b = 16 (the fork's default) runs on tensor cores; b = 2 is no multiple of 16 and keeps the
+// CUDA-core path whatever the variable says.
+TEST(W4A8LinearCudaTensorCoreRotation, SixteenWideBlocksAndFallbackForOtherBlocks) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  check_layer({1024, 256, 16}, 51, torch::kBFloat16, 3101);
+  check_layer({96, 64, 2}, 5, torch::kFloat, 3102);
+  check_layer({1024, 256, 128, -1, false, Transform::PermutationOnly}, 51, torch::kHalf, 3103);
+}
+
+TEST(W4A8LinearCudaTensorCoreRotation, ExactRotationsMatchStrictly) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  check_layer({1024, 512, 16, -1, true, Transform::ExactRotations}, 51, torch::kFloat, 3201);
+  check_layer({2048, 256, 128, 64, false, Transform::ExactRotations}, 7, torch::kBFloat16, 3202);
+}
+
+// The row scale ignores a NaN (the maximum is NaN: no scaling) and the NaN reaches the output;
+// large rows are scaled down into fp16's range, not overflowed.
+TEST(W4A8LinearCudaTensorCoreRotation, NonFiniteAndLargeRowsLikeTheCpu) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("tensor-cores");
+  const Layer layer = make_layer({256, 64, 128, -1, true}, 3401);
+  auto x = make_input(4, 256, torch::kFloat, 3402, false);
+  x.index_put_({1, 5}, std::nan(""));
+  x.index_put_({2}, 0.0);
+  x.select(0, 3).mul_(1e6);  // |x| ~ 3e7: far beyond fp16's 65504 before scaling
+  const auto expected = run_op(x, layer);
+  const auto actual = run_op(x.to(torch::kCUDA), layer.to(torch::kCUDA)).cpu();
+  EXPECT_TRUE(torch::equal(actual.isnan(), expected.isnan()));
+  EXPECT_TRUE(torch::allclose(actual.select(0, 2), expected.select(0, 2)));
+  const auto large = actual.select(0, 3), large_expected = expected.select(0, 3);
+  EXPECT_LE((large - large_expected).abs().max().item<double>(), 1e-2 * large_expected.abs().max().item<double>());
+}
+
+TEST(W4A8LinearCudaTensorCoreRotation, AnUnknownPathIsRejectedByName) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const RotationPath path("fast");
+  const Layer layer = make_layer({256, 64}, 3501).to(torch::kCUDA);
+  try {
+    run_op(make_input(3, 256, torch::kFloat, 3502, false).to(torch::kCUDA), layer);
+    FAIL() << "DUQUANT_CUDA_ROTATION=fast was accepted";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what_without_backtrace()).find("DUQUANT_CUDA_ROTATION=fast"), std::string::npos);
+  }
+}
+
 // The capture contract at the top of w4a8_linear_cuda.cu: after one eager (warm-up) call, the op
 // captured into a CUDA graph replays exactly its eager result (same kernels, same launch geometry
 // for the same shapes), and a replay after new values are copied into the captured input computes
@@ -429,6 +531,7 @@ struct CaptureCase {
   int64_t tokens;
   torch::ScalarType dtype;
   int64_t act_bits = kActBits;
+  bool tensor_core_rotation = false;
 };
 
 // ctest lists parameterised cases with their printed parameter: the case name, not its bytes.
@@ -446,6 +549,8 @@ bool same_result(const torch::Tensor& actual, const torch::Tensor& expected, int
 TEST_P(W4A8LinearCudaGraph, ReplayEqualsEagerAndFollowsNewInputs) {
   SKIP_WITHOUT_CUDA_KERNELS();
   const auto& param = GetParam();
+  std::optional<RotationPath> path;
+  if (param.tensor_core_rotation) path.emplace("tensor-cores");
   const Layer layer = make_layer(param.spec, 1701).to(torch::kCUDA);
   auto x = make_input(param.tokens, param.spec.in_features, param.dtype, 1702, false).to(torch::kCUDA);
   const auto eager = run_op(x, layer, param.act_bits);
@@ -480,7 +585,11 @@ INSTANTIATE_TEST_SUITE_P(
                       CaptureCase{"LlmDownProjAtOneTokenSplitK", {16384, 2048}, 1, torch::kBFloat16},
                       CaptureCase{"GroupedWeightsWithBiasFloat32", {1024, 256, 128, 128, true}, 16, torch::kFloat},
                       CaptureCase{"PrefixTokensWithPaddingHalf", {1000, 512}, 816, torch::kHalf},
-                      CaptureCase{"UnquantizedActivationsFloatPath", {1024, 256}, 7, torch::kFloat, 0}),
+                      CaptureCase{"UnquantizedActivationsFloatPath", {1024, 256}, 7, torch::kFloat, 0},
+                      CaptureCase{"ExpertQProjAt51TokensTensorCoreRotation", {1024, 2048}, 51, torch::kBFloat16,
+                                  kActBits, true},
+                      CaptureCase{"LlmDownProjAtOneTokenTensorCoreRotation", {16384, 2048}, 1, torch::kBFloat16,
+                                  kActBits, true}),
     [](const ::testing::TestParamInfo<CaptureCase>& info) { return info.param.name; });
 
 // GPTQ's batch sweep (src/ops/gptq_sweep.h): the CUDA kernel rounds every column as the CPU

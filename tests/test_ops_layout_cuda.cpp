@@ -11,8 +11,10 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include "w4a8_kernel_layout.h"
@@ -444,20 +446,28 @@ TEST(RotationTiles, ShortRowsUseOneBlockTilesSoEveryThreadWorks) {
 }
 
 TEST(PreKernelShared, RegionsAreDisjointAlignedAndSized) {
-  for (const bool staged : {false, true}) {
+  for (const RotationStaging staging : {RotationStaging::kNone, RotationStaging::kBoth, RotationStaging::kOneAtATime}) {
     for (const bool second_row : {false, true}) {
       for (const auto& [k, b1, b2, groups] : std::vector<std::array<int, 4>>{
                {2048, 128, 128, 1}, {1152, 128, 0, 9}, {96, 2, 2, 3}, {16384, 128, 128, 256}, {64, 0, 0, 1}}) {
-        const PreKernelSharedLayout layout = pre_kernel_shared_layout(k, b1, b2, staged, second_row, groups);
+        const PreKernelSharedLayout layout = pre_kernel_shared_layout(k, b1, b2, staging, second_row, groups);
         std::vector<std::pair<int, int>> regions;  // [begin, end) in floats
-        if (layout.rotation1 >= 0) regions.push_back({layout.rotation1, layout.rotation1 + b1 * b1});
-        if (layout.rotation2 >= 0) regions.push_back({layout.rotation2, layout.rotation2 + b2 * b2});
+        if (staging == RotationStaging::kOneAtATime) {
+          // One region that holds either rotation.
+          if (b1 > 0) EXPECT_EQ(layout.rotation1, 0);
+          if (b2 > 0) EXPECT_EQ(layout.rotation2, 0);
+          const int largest = std::max(b1, b2);
+          if (largest > 0) regions.push_back({0, largest * largest});
+        } else {
+          if (layout.rotation1 >= 0) regions.push_back({layout.rotation1, layout.rotation1 + b1 * b1});
+          if (layout.rotation2 >= 0) regions.push_back({layout.rotation2, layout.rotation2 + b2 * b2});
+        }
         regions.push_back({layout.row, layout.row + k});
         if (second_row) regions.push_back({layout.spare_row, layout.spare_row + k});
         if (!second_row) EXPECT_EQ(layout.spare_row, layout.row);
         regions.push_back({layout.counters, layout.counters + groups});
-        EXPECT_EQ(layout.rotation1 >= 0, staged && b1 > 0);
-        EXPECT_EQ(layout.rotation2 >= 0, staged && b2 > 0);
+        EXPECT_EQ(layout.rotation1 >= 0, staging != RotationStaging::kNone && b1 > 0);
+        EXPECT_EQ(layout.rotation2 >= 0, staging != RotationStaging::kNone && b2 > 0);
         for (size_t i = 0; i < regions.size(); ++i) {
           EXPECT_EQ(regions[i].first % 4, 0) << "region " << i << " is not 16-byte aligned";
           EXPECT_LE(regions[i].second, layout.total_floats);
@@ -469,11 +479,255 @@ TEST(PreKernelShared, RegionsAreDisjointAlignedAndSized) {
       }
     }
   }
-  // K = 2048 with two staged 128 x 128 rotations fits the A100's 163 KB; K = 16384 does not.
-  constexpr int kA100OptInBytes = 166912;
-  EXPECT_LE(pre_kernel_shared_layout(2048, 128, 128, true, true, 1).total_floats * 4, kA100OptInBytes);
-  EXPECT_GT(pre_kernel_shared_layout(16384, 128, 128, true, true, 1).total_floats * 4, kA100OptInBytes);
-  EXPECT_LE(pre_kernel_shared_layout(16384, 128, 128, false, true, 1).total_floats * 4, kA100OptInBytes);
+  // K = 2048 with two staged 128 x 128 rotations fits the A100's 163 KB; K = 16384 does not, and
+  // with one rotation staged at a time it fits the H100's 227 KB (the tensor-core path's need).
+  constexpr int kA100OptInBytes = 166912, kH100OptInBytes = 232448;
+  const auto bytes = [](int k, RotationStaging staging) {
+    return pre_kernel_shared_layout(k, 128, 128, staging, true, 1).total_floats * 4;
+  };
+  EXPECT_LE(bytes(2048, RotationStaging::kBoth), kA100OptInBytes);
+  EXPECT_GT(bytes(16384, RotationStaging::kBoth), kH100OptInBytes);
+  EXPECT_LE(bytes(16384, RotationStaging::kNone), kA100OptInBytes);
+  EXPECT_GT(bytes(16384, RotationStaging::kOneAtATime), kA100OptInBytes);
+  EXPECT_LE(bytes(16384, RotationStaging::kOneAtATime), kH100OptInBytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-kernel rotation on tensor cores: mma.m16n8k16 with fp16 operands.
+
+// PTX ISA 9.7.14.5.8, m16n8k16, .f16 A: "row = groupID for ai where 0 <= i < 2 || 4 <= i < 6,
+// groupID + 8 otherwise; col = (threadID_in_group * 2) + (i & 0x1) for ai where i < 4,
+// (threadID_in_group * 2) + (i & 0x1) + 8 for ai where i >= 4".
+MatrixCoord ptx_isa_f16_a(int lane, int i) {
+  const int group_id = lane >> 2, thread_in_group = lane % 4;
+  const int row = ((0 <= i && i < 2) || (4 <= i && i < 6)) ? group_id : group_id + 8;
+  const int col = i < 4 ? thread_in_group * 2 + (i & 0x1) : thread_in_group * 2 + (i & 0x1) + 8;
+  return {row, col};
+}
+// .f16 B: "row = (threadID_in_group * 2) + (i & 0x1) for bi where i < 2, ... + 8 for bi where
+// i >= 2; col = groupID".
+MatrixCoord ptx_isa_f16_b(int lane, int i) {
+  const int group_id = lane >> 2, thread_in_group = lane % 4;
+  const int row = i < 2 ? thread_in_group * 2 + (i & 0x1) : thread_in_group * 2 + (i & 0x1) + 8;
+  return {row, group_id};
+}
+
+TEST(TensorCoreRotation, SlotToPhysicalKIsAPermutationAndTheKernelFillsEverySlotWithIt) {
+  std::set<int> physical;
+  for (int slot = 0; slot < kHalfMmaK; ++slot) physical.insert(half_mma_physical_k_of_slot(slot));
+  EXPECT_EQ(physical.size(), static_cast<size_t>(kHalfMmaK));
+  EXPECT_EQ(*physical.rbegin(), kHalfMmaK - 1);
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    for (int i = 0; i < kHalfMmaAElementsPerThread; ++i) {
+      const MatrixCoord slot = ptx_isa_f16_a(lane, i), filled = rotation_a_element(lane, i);
+      EXPECT_EQ(filled.row, slot.row) << "lane " << lane << " a" << i;
+      EXPECT_EQ(filled.col, half_mma_physical_k_of_slot(slot.col)) << "lane " << lane << " a" << i;
+    }
+    for (int j = 0; j < kHalfMmaBElementsPerThread; ++j) {
+      const MatrixCoord slot = ptx_isa_f16_b(lane, j), filled = rotation_b_element(lane, j);
+      EXPECT_EQ(filled.col, slot.col) << "lane " << lane << " b" << j;
+      EXPECT_EQ(filled.row, half_mma_physical_k_of_slot(slot.row)) << "lane " << lane << " b" << j;
+    }
+  }
+  expect_tile_covered_once(kHalfMmaM, kHalfMmaK, kHalfMmaAElementsPerThread, rotation_a_element, "A");
+  expect_tile_covered_once(kHalfMmaK, kHalfMmaN, kHalfMmaBElementsPerThread, rotation_b_element, "B");
+}
+
+// A lane's A values of one row are 4 consecutive floats from a 16-byte aligned offset, the ones
+// rotation_a_element assigns to its registers.
+TEST(TensorCoreRotation, ALoadsAreAlignedAndHoldTheRegistersValues) {
+  constexpr int kBlock = 128;
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    for (int row_half = 0; row_half < 2; ++row_half) {
+      const int offset = rotation_a_load_offset(2, 3, lane, row_half, kBlock);
+      EXPECT_EQ(offset % 4, 0);
+      EXPECT_EQ(offset / kBlock, rotation_a_block(2, lane, row_half));
+      for (int pair = 0; pair < 2; ++pair) {
+        for (int half = 0; half < 2; ++half) {
+          const MatrixCoord element = rotation_a_element(lane, 2 * (row_half + 2 * pair) + half);
+          EXPECT_EQ(element.row, mma_group_id(lane) + 8 * row_half);
+          EXPECT_EQ(3 * kHalfMmaK + element.col, offset % kBlock + 2 * pair + half);
+        }
+      }
+    }
+  }
+}
+
+TEST(TensorCoreRotation, UnitsCoverEveryOutputOfEveryBlockOnce) {
+  for (const int block : {16, 32, 64, 128}) {
+    for (const int padded_k : {128, 1024, 2048, 16384}) {
+      if (padded_k % block != 0) continue;
+      const int blocks = padded_k / block;
+      std::vector<int> hits(padded_k, 0);
+      for (int unit = 0; unit < rotation_mma_unit_count(blocks, block); ++unit) {
+        const RotationMmaUnit tile = rotation_mma_unit(unit, block);
+        for (int j = 0; j < kRotationMmaNTilesPerUnit; ++j) {
+          ASSERT_LT(tile.first_n_tile + j, block / kHalfMmaN);
+          for (int lane = 0; lane < kWarpSize; ++lane) {
+            for (int i = 0; i < kMmaCElementsPerThread; ++i) {
+              if (tile.m_tile * kHalfMmaM + mma_c_element(lane, i).row >= blocks) continue;
+              ++hits[rotation_c_offset(tile.m_tile, tile.first_n_tile + j, lane, i, block)];
+            }
+          }
+        }
+      }
+      for (int k = 0; k < padded_k; ++k) ASSERT_EQ(hits[k], 1) << "b " << block << " K " << padded_k << " k " << k;
+    }
+  }
+  // The pi0 shapes give the 8 warps of a 256-thread block one unit each or more.
+  EXPECT_EQ(rotation_mma_unit_count(2048 / 128, 128), 8);
+  EXPECT_EQ(rotation_mma_unit_count(1024 / 128, 128), 8);
+  EXPECT_EQ(rotation_mma_unit_count(16384 / 128, 128), 64);
+  EXPECT_FALSE(rotation_fits_tensor_cores(8));
+  EXPECT_FALSE(rotation_fits_tensor_cores(24));
+  EXPECT_TRUE(rotation_fits_tensor_cores(16));
+}
+
+TEST(TensorCoreRotation, StagedFragmentsAreABijectionReadWithoutBankConflicts) {
+  for (const int block : {16, 128}) {
+    std::vector<int> hits(rotation_fragment_count(block), 0);
+    for (int k_tile = 0; k_tile < block / kHalfMmaK; ++k_tile) {
+      for (int n_tile = 0; n_tile < block / kHalfMmaN; ++n_tile) {
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+          const int index = rotation_fragment_index(k_tile, n_tile, block, lane);
+          ASSERT_LT(index, static_cast<int>(hits.size()));
+          ++hits[index];
+          // A warp's 32 loads of one tile are 512 contiguous bytes: each quarter-warp's 8
+          // 16-byte loads cover the 32 banks once.
+          EXPECT_EQ(index - rotation_fragment_index(k_tile, n_tile, block, 0), lane);
+        }
+      }
+    }
+    for (const int h : hits) ASSERT_EQ(h, 1);
+    // The staged fragments take exactly the bytes of the fp32 matrix they replace.
+    EXPECT_EQ(rotation_fragment_count(block) * kRotationFragmentBytes, block * block * 4);
+  }
+}
+
+TEST(TensorCoreRotation, RowScalePutsTheLargestValueInTheTopBinadeOfItsRange) {
+  for (const float absmax : {1e-17f, 3e-5f, 0.7f, 1.0f, 1.5f, 1000.0f, 65504.0f, 1e12f}) {
+    const float scaled = std::ldexp(absmax, row_scale_shift(absmax));
+    EXPECT_GE(scaled, std::ldexp(1.0f, kRowScaleTargetExponent - 1)) << absmax;
+    EXPECT_LT(scaled, std::ldexp(1.0f, kRowScaleTargetExponent)) << absmax;
+  }
+  // Rows beyond the exponent limit are scaled as at the limit; zero and non-finite rows not at all.
+  EXPECT_EQ(row_scale_shift(1e-35f), kRowScaleTargetExponent + kRowScaleExponentLimit);
+  EXPECT_EQ(row_scale_shift(0.0f), 0);
+  EXPECT_EQ(row_scale_shift(std::numeric_limits<float>::infinity()), 0);
+  EXPECT_EQ(row_scale_shift(std::numeric_limits<float>::quiet_NaN()), 0);
+}
+
+// Scaled rows lie within +-2^15. Down to |x| = 2^-3, lo is a normal fp16 number and hi + lo keeps
+// 22 bits; below, lo's subnormal spacing 2^-24 bounds the error by 2^-25, 2^-39 of the row's
+// largest entry.
+TEST(TensorCoreRotation, HalfSplitKeepsTwentyTwoBitsOrTwoToTheMinus25) {
+  std::mt19937 random(5);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int trial = 0; trial < 100000; ++trial) {
+    const float value = std::ldexp(uniform(random), trial % 40 - 24);
+    const HalfSplit split = split_to_halves(value);
+    EXPECT_EQ(static_cast<float>(c10::Half(split.high)), split.high);
+    EXPECT_EQ(static_cast<float>(c10::Half(split.low)), split.low);
+    const double error = std::abs(static_cast<double>(split.high) + split.low - value);
+    EXPECT_LE(error, std::max(std::ldexp(std::abs(static_cast<double>(value)), -22), std::ldexp(1.0, -25))) << value;
+    if (std::abs(value) >= 0.125f) EXPECT_LE(error, std::ldexp(std::abs(static_cast<double>(value)), -22)) << value;
+  }
+  EXPECT_EQ(split_to_halves(0.1f).high, static_cast<float>(c10::Half(0.1f)));
+}
+
+// One token row rotated as the kernel does it, emulated on the CPU with the kernel's helpers:
+// the row scale, every warp unit, the 16-byte A loads, the staged B fragments (scaled by
+// 2^kRotationFragmentExponent, split), the three products hi x hi + lo x hi + hi x lo through the
+// PTX ISA's fragment maps, and the output offsets. Summed in double (the tensor cores add in fp32),
+// the result must be the float64 rotation to ~2^-22 of the row's scale.
+std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row, const std::vector<float>& rotation,
+                                                  int block) {
+  const int padded_k = static_cast<int>(row.size()), blocks = padded_k / block;
+  float absmax = 0.0f;
+  for (const float v : row) absmax = std::max(absmax, std::abs(v));
+  const int shift = row_scale_shift(absmax);
+  const double output_scale = std::ldexp(1.0, -(shift + kRotationFragmentExponent));
+  std::vector<double> out(padded_k, std::nan(""));
+  for (int unit = 0; unit < rotation_mma_unit_count(blocks, block); ++unit) {
+    const RotationMmaUnit tile = rotation_mma_unit(unit, block);
+    for (int j = 0; j < kRotationMmaNTilesPerUnit; ++j) {
+      const int n_tile = tile.first_n_tile + j;
+      double acc[kHalfMmaM][kHalfMmaN] = {};
+      for (int k_tile = 0; k_tile < block / kHalfMmaK; ++k_tile) {
+        // Slot-indexed hi/lo operands, filled lane by lane as the kernel's registers.
+        double a_high[kHalfMmaM][kHalfMmaK] = {}, a_low[kHalfMmaM][kHalfMmaK] = {};
+        double b_high[kHalfMmaK][kHalfMmaN] = {}, b_low[kHalfMmaK][kHalfMmaN] = {};
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+          float loaded[2][4] = {};
+          for (int row_half = 0; row_half < 2; ++row_half) {
+            if (rotation_a_block(tile.m_tile, lane, row_half) >= blocks) continue;
+            const int offset = rotation_a_load_offset(tile.m_tile, k_tile, lane, row_half, block);
+            for (int v = 0; v < 4; ++v) loaded[row_half][v] = row[offset + v] * std::ldexp(1.0f, shift);
+          }
+          for (int i = 0; i < kHalfMmaAElementsPerThread; ++i) {
+            // Register r = i / 2 = row_half + 2 * pair holds floats 2 * pair, 2 * pair + 1.
+            const int reg = i / 2, row_half = reg % 2, pair = reg / 2;
+            const HalfSplit split = split_to_halves(loaded[row_half][2 * pair + i % 2]);
+            const MatrixCoord slot = ptx_isa_f16_a(lane, i);
+            a_high[slot.row][slot.col] = split.high;
+            a_low[slot.row][slot.col] = split.low;
+          }
+          for (int i = 0; i < kHalfMmaBElementsPerThread; ++i) {
+            const MatrixCoord element = rotation_b_element(lane, i);
+            const float entry = rotation[(k_tile * kHalfMmaK + element.row) * block + n_tile * kHalfMmaN + element.col];
+            const HalfSplit split = split_to_halves(entry * std::ldexp(1.0f, kRotationFragmentExponent));
+            const MatrixCoord slot = ptx_isa_f16_b(lane, i);
+            b_high[slot.row][slot.col] = split.high;
+            b_low[slot.row][slot.col] = split.low;
+          }
+        }
+        for (int r = 0; r < kHalfMmaM; ++r) {
+          for (int n = 0; n < kHalfMmaN; ++n) {
+            for (int s = 0; s < kHalfMmaK; ++s) {
+              acc[r][n] += a_high[r][s] * b_high[s][n] + a_low[r][s] * b_high[s][n] + a_high[r][s] * b_low[s][n];
+            }
+          }
+        }
+      }
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        for (int i = 0; i < kMmaCElementsPerThread; ++i) {
+          const MatrixCoord c = mma_c_element(lane, i);
+          if (tile.m_tile * kHalfMmaM + c.row >= blocks) continue;
+          out[rotation_c_offset(tile.m_tile, n_tile, lane, i, block)] = acc[c.row][c.col] * output_scale;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+TEST(TensorCoreRotation, EmulatedRowEqualsTheFloat64RotationToTwentyTwoBits) {
+  std::mt19937 random(17);
+  std::normal_distribution<float> gaussian(0.0f, 1.0f);
+  // Rows of every magnitude, R of orthogonal-like entries (~1 / sqrt(b)) and R with entries up to
+  // the 255 the fragment scale allows; orthogonality itself plays no part in the arithmetic.
+  for (const auto& [padded_k, block, magnitude, rotation_magnitude] : std::vector<std::tuple<int, int, float, float>>{
+           {384, 128, 1.0f, 0.25f}, {1024, 128, 3e4f, 0.25f}, {96, 16, 1e-3f, 0.7f}, {2560, 128, 1e6f, 0.25f},
+           {256, 16, 1.0f, 250.0f}}) {
+    std::uniform_real_distribution<float> entry(-rotation_magnitude, rotation_magnitude);
+    std::vector<float> rotation(static_cast<size_t>(block) * block);
+    for (auto& r : rotation) r = entry(random);
+    std::vector<float> row(padded_k);
+    for (auto& v : row) v = gaussian(random) * magnitude;
+    row[padded_k / 3] = 40.0f * magnitude;  // an outlier channel
+    const auto out = emulated_tensor_core_rotation(row, rotation, block);
+    double scale = 0.0, worst = 0.0;
+    for (int b = 0; b < padded_k / block; ++b) {
+      for (int n = 0; n < block; ++n) {
+        double exact = 0.0;
+        for (int k = 0; k < block; ++k) exact += static_cast<double>(row[b * block + k]) * rotation[k * block + n];
+        ASSERT_FALSE(std::isnan(out[b * block + n])) << "output " << b * block + n << " never written";
+        worst = std::max(worst, std::abs(out[b * block + n] - exact));
+        scale = std::max(scale, std::abs(exact));
+      }
+    }
+    EXPECT_LE(worst, std::ldexp(scale, -20)) << "K " << padded_k << " b " << block << " magnitude " << magnitude;
+  }
 }
 
 TEST(QuantizeLanes, EightLanesCoverOneKStep) {

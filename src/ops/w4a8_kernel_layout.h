@@ -20,7 +20,14 @@
 //      row = groupID for c0, c1,  groupID + 8 for c2, c3;   col = threadID_in_group * 2 + (i & 1)
 #pragma once
 
+#include <c10/util/Half.h>
+
+#include <cmath>
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
 
 #include "w4a8_layout.h"
 
@@ -270,13 +277,18 @@ DUQUANT_HOST_DEVICE constexpr RotationTile rotation_tile(int tile, int block, in
           (tile % (block / rotation_columns_per_tile(block))) * rotation_columns_per_tile(block)};
 }
 
-// Pre-kernel shared memory, in floats from the start: [R1][R2] when the rotations are staged
-// (copied once per thread block, then read by every token it handles), the token row, a second
-// row buffer when any transform step runs (each step reads one buffer and writes the other), and
-// one int32 row-sum counter per weight group. Every region starts at a multiple of 4 floats, so
-// the 16-byte loads of R and the 16-byte copies stay aligned.
+// Pre-kernel shared memory, in floats from the start: the staged rotations, the token row, a
+// second row buffer when any transform step runs (each step reads one buffer and writes the
+// other), and one int32 row-sum counter per weight group. Rotations are staged (copied once per
+// thread block, then read by every token it handles) as [R1][R2] when both fit beside the rows;
+// the tensor-core path, which reads R only in its staged fragment order, otherwise stages one at
+// a time into a single region (R1 before the first rotation of each token, R2 before the second);
+// the CUDA-core path reads unstaged rotations from global memory through L1. Every region starts
+// at a multiple of 4 floats, so the 16-byte loads of R and the 16-byte copies stay aligned.
+enum class RotationStaging { kNone, kBoth, kOneAtATime };
+
 struct PreKernelSharedLayout {
-  int rotation1;  // offsets in floats; -1 when the region is absent
+  int rotation1;  // offsets in floats; -1 when the region is absent (equal when staged one at a time)
   int rotation2;
   int row;
   int spare_row;  // == row when there is no second buffer
@@ -285,19 +297,152 @@ struct PreKernelSharedLayout {
 };
 DUQUANT_HOST_DEVICE constexpr int round_up_to_vector(int floats) { return (floats + 3) / 4 * 4; }
 DUQUANT_HOST_DEVICE constexpr PreKernelSharedLayout pre_kernel_shared_layout(int padded_k, int block1, int block2,
-                                                                            bool stage_rotations, bool second_row,
+                                                                            RotationStaging staging, bool second_row,
                                                                             int groups) {
-  const int rotation1_floats = stage_rotations ? round_up_to_vector(block1 * block1) : 0;
-  const int rotation2_floats = stage_rotations ? round_up_to_vector(block2 * block2) : 0;
+  const bool both = staging == RotationStaging::kBoth, one = staging == RotationStaging::kOneAtATime;
+  const int largest = block1 > block2 ? block1 : block2;
+  const int rotation1_floats = both ? round_up_to_vector(block1 * block1) : one ? round_up_to_vector(largest * largest) : 0;
+  const int rotation2_floats = both ? round_up_to_vector(block2 * block2) : 0;
   const int row = rotation1_floats + rotation2_floats;
   const int spare_row = second_row ? row + round_up_to_vector(padded_k) : row;
   const int counters = spare_row + round_up_to_vector(padded_k);
-  return {stage_rotations && block1 > 0 ? 0 : -1,
-          stage_rotations && block2 > 0 ? rotation1_floats : -1,
+  return {staging != RotationStaging::kNone && block1 > 0 ? 0 : -1,
+          both && block2 > 0 ? rotation1_floats : one && block2 > 0 ? 0 : -1,
           row,
           spare_row,
           counters,
           counters + round_up_to_vector(groups)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-kernel block rotation on tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores, blocks that are a
+// multiple of 16). One token's row of K values is the [K / b, b] matrix of its rotation blocks, so
+// its rotation is the product [K / b, b] x [b, b] = one GEMM with M = K / b (16 for K = 2048 and
+// b = 128), k = n = b, computed with mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32. Fragment
+// maps (PTX ISA section 9.7.14.5, "Matrix Fragments for mma.m16n8k16 with floating point type"):
+//   A: a0..a7 in four .f16x2 registers (element i = 2 * register + half, low half first)
+//      row = groupID for a0, a1, a4, a5;  groupID + 8 for a2, a3, a6, a7
+//      col = threadID_in_group * 2 + (i & 1) for i < 4,  the same + 8 for i >= 4
+//   B: b0..b3 in two .f16x2 registers
+//      row = threadID_in_group * 2 + (i & 1) for i < 2,  the same + 8 for i >= 2;  col = groupID
+//   C/D: .f32, the map of the s32 accumulators above (mma_c_element).
+//
+// Precision. fp16 keeps 11 significant bits and the CPU reference rotates in fp32, so every
+// operand is split in two fp16 numbers, x = hi + lo with hi = fp16(x), lo = fp16(x - hi) (22
+// bits), and x R = hi_x hi_R + lo_x hi_R + hi_x lo_R with fp32 accumulation: three MMAs per tile,
+// the dropped lo_x lo_R is ~2^-22 of the product. fp16's range is kept by powers of two, which are
+// exact: the row is scaled so that its largest |x| lies in [2^14, 2^15) (row_scale_shift) and R by
+// 2^8. Then hi + lo keeps 22 bits of every entry down to 2^-3 (lo is a normal fp16 number) and
+// errs by at most 2^-25 below (lo's subnormal spacing): 2^-39 of the row's largest entry, 2^-33
+// for an entry of R, whose entries may reach 255 in magnitude (an orthogonal R's are at most 1).
+// The products then differ from the CPU's fp32 FMA chain by rounding only, like the CUDA-core
+// path: int8 activations can differ by a rounding tie.
+//
+// k order inside one k16 tile: as for the int8 GEMM, A and B may put any physical k in an MMA slot
+// as long as both use the same map. Slots 2t, 2t+1, 2t+8, 2t+9 (t = threadID_in_group) hold
+// physical k 4t .. 4t+3, so a lane's A values of one row are 4 consecutive floats of the row
+// buffer (one 16-byte load, which fills halves of registers `row half` and `row half + 2`).
+//
+// Work: a warp computes one "unit", one m16 tile (16 blocks of the row) times two n8 tiles (16
+// output columns of every block), over the b / 16 k tiles. Blocks past K / b are zero rows.
+//
+// Staged rotation: the B fragments, split and scaled, in the order the lanes read them: 16 bytes
+// per lane and (k tile, n tile) = {hi(b0, b1), hi(b2, b3), lo(b0, b1), lo(b2, b3)}, tile-major,
+// so a warp reads 512 contiguous bytes (no bank conflict) and R needs b * b * 4 bytes, the size of
+// the fp32 matrix.
+constexpr int kHalfMmaM = 16;
+constexpr int kHalfMmaN = 8;
+constexpr int kHalfMmaK = 16;
+constexpr int kHalfMmaAElementsPerThread = 8;
+constexpr int kHalfMmaBElementsPerThread = 4;
+constexpr int kRotationMmaNTilesPerUnit = 2;
+constexpr int kRotationMmaBlockMultiple = kHalfMmaK;  // k tiles and pairs of n8 tiles: b % 16 == 0
+constexpr int kRotationFragmentBytes = 16;
+// R * 2^8: entries up to 255 stay below fp16's largest number (65504).
+constexpr int kRotationFragmentExponent = 8;
+// The row's largest |x| is scaled into [2^(e - 1), 2^e): sums of 128 products with R stay below 2^31.
+constexpr int kRowScaleTargetExponent = 15;
+// Rows whose largest |x| has an exponent outside this range are scaled as if at its end: the
+// scales 2^-45 .. 2^75 and the output scales stay normal fp32 numbers.
+constexpr int kRowScaleExponentLimit = 60;
+
+DUQUANT_HOST_DEVICE constexpr bool rotation_fits_tensor_cores(int block) {
+  return block > 0 && block % kRotationMmaBlockMultiple == 0;
+}
+
+// Physical k (0..15 inside the k tile) held by MMA slot `slot` (0..15), for A and B alike.
+DUQUANT_HOST_DEVICE constexpr int half_mma_physical_k_of_slot(int slot) {
+  return 4 * ((slot % 8) / 2) + 2 * (slot / 8) + slot % 2;
+}
+// (row in the m16 tile, physical k in the k tile) of element i of lane's A fragment as the
+// kernel fills it: registers h and h + 2 come from the 16-byte load of row groupID + 8h.
+DUQUANT_HOST_DEVICE constexpr MatrixCoord rotation_a_element(int lane, int i) {
+  return {mma_group_id(lane) + 8 * ((i >> 1) & 1), 4 * mma_thread_in_group(lane) + (i & 1) + 2 * (i >> 2)};
+}
+// (k in the k tile, n in the n8 tile) of element j of lane's B fragment.
+DUQUANT_HOST_DEVICE constexpr MatrixCoord rotation_b_element(int lane, int j) {
+  return {4 * mma_thread_in_group(lane) + j, mma_group_id(lane)};
+}
+
+struct RotationMmaUnit {
+  int m_tile;
+  int first_n_tile;
+};
+DUQUANT_HOST_DEVICE constexpr int rotation_mma_unit_count(int blocks, int block) {
+  return ceil_div(blocks, kHalfMmaM) * (block / (kHalfMmaN * kRotationMmaNTilesPerUnit));
+}
+DUQUANT_HOST_DEVICE constexpr RotationMmaUnit rotation_mma_unit(int unit, int block) {
+  return {unit / (block / (kHalfMmaN * kRotationMmaNTilesPerUnit)),
+          (unit % (block / (kHalfMmaN * kRotationMmaNTilesPerUnit))) * kRotationMmaNTilesPerUnit};
+}
+// Float offset in the row buffer of lane's 16-byte A load for row half `row_half` (0: groupID,
+// 1: groupID + 8) of m tile `m_tile` and k tile `k_tile`; its block is the tile's row.
+DUQUANT_HOST_DEVICE constexpr int rotation_a_block(int m_tile, int lane, int row_half) {
+  return m_tile * kHalfMmaM + mma_group_id(lane) + 8 * row_half;
+}
+DUQUANT_HOST_DEVICE constexpr int rotation_a_load_offset(int m_tile, int k_tile, int lane, int row_half, int block) {
+  return rotation_a_block(m_tile, lane, row_half) * block + k_tile * kHalfMmaK + 4 * mma_thread_in_group(lane);
+}
+// Float offset in the row buffer of accumulator element i of lane for (m tile, n tile).
+DUQUANT_HOST_DEVICE constexpr int rotation_c_offset(int m_tile, int n_tile, int lane, int i, int block) {
+  return (m_tile * kHalfMmaM + mma_c_element(lane, i).row) * block + n_tile * kHalfMmaN + mma_c_element(lane, i).col;
+}
+// Index, in 16-byte units, of lane's staged B fragment of (k tile, n tile).
+DUQUANT_HOST_DEVICE constexpr int rotation_fragment_index(int k_tile, int n_tile, int block, int lane) {
+  return (k_tile * (block / kHalfMmaN) + n_tile) * kWarpSize + lane;
+}
+DUQUANT_HOST_DEVICE constexpr int rotation_fragment_count(int block) {
+  return (block / kHalfMmaK) * (block / kHalfMmaN) * kWarpSize;
+}
+
+// frexp's exponent e of the row's largest |x| (|x| in [2^(e-1), 2^e)) decides the scale
+// 2^row_scale_shift; a zero or non-finite maximum leaves the row unscaled (NaN and Inf then
+// propagate through the MMAs as through the CPU's sums).
+DUQUANT_HOST_DEVICE inline int row_scale_shift(float absmax) {
+  if (!(absmax > 0.0f && absmax <= 3.40282347e38f)) return 0;
+  int exponent = 0;
+  frexpf(absmax, &exponent);
+  exponent = exponent < -kRowScaleExponentLimit ? -kRowScaleExponentLimit
+             : exponent > kRowScaleExponentLimit ? kRowScaleExponentLimit
+                                                 : exponent;
+  return kRowScaleTargetExponent - exponent;
+}
+
+// fp16 rounding (round to nearest even, subnormals kept) as a float.
+DUQUANT_HOST_DEVICE inline float round_to_half(float value) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__float2half_rn(value));
+#else
+  return static_cast<float>(c10::Half(value));
+#endif
+}
+struct HalfSplit {
+  float high;  // both exactly representable in fp16
+  float low;
+};
+DUQUANT_HOST_DEVICE inline HalfSplit split_to_halves(float value) {
+  const float high = round_to_half(value);
+  return {high, round_to_half(value - high)};
 }
 
 // Pre-kernel quantization: each lane quantizes 4 consecutive k, so 8 lanes cover one k32 step,

@@ -6,8 +6,8 @@
 //    Reads   x [T, in_features] (fp32 / fp16 / bf16 / fp64, row-major), smooth_inv float [in],
 //            rotation1 float [b1, b1], permutation int64 [K], rotation2 float [b2, b2].
 //    Shared  (pre_kernel_shared_layout) R1 and R2, copied once per block when they fit beside the
-//            rows (two 128 x 128 rotations: K up to 4352 on sm_80, 12672 on sm_90; K = 16384 reads
-//            them through L1); the token's row in fp32,
+//            rows (two 128 x 128 rotations: K up to 4352 on sm_80, 12672 on sm_90; else the CUDA-core
+//            path reads them through L1 and the tensor-core path stages one at a time); the token's row in fp32,
 //            K floats, plus a second K-float buffer when any of rotation1, permutation, rotation2 is
 //            present (each step reads one buffer and writes the other); G int32 group counters.
 //    Steps   load * smooth_inv with zero padding to K -> rotation 1 -> permutation gather ->
@@ -17,6 +17,10 @@
 //            product on CUDA cores in fp32 (as the CPU reference): a thread owns 4 (or, for short
 //            rows, 1) blocks x 4 columns (w4a8_kernel_layout.h, rotation_tile), reads R rows with
 //            16-byte loads and the row values of one i as broadcasts to the lanes sharing blocks.
+//            With DUQUANT_CUDA_ROTATION=tensor-cores and blocks a multiple of 16, the rotation is the
+//            [K/b, b] x [b, b] product on tensor cores instead (mma.sync m16n8k16 f16, fp32
+//            accumulation), each operand split into two fp16 numbers so that the result keeps
+//            ~22 bits (w4a8_kernel_layout.h, "Pre-kernel block rotation on tensor cores").
 //            Quantization: lane l of a warp handles 4 consecutive k (one char4 store); the 8 lanes of
 //            one k32 step add their row sums by shuffles, and one of them adds the step's sum to its
 //            weight group's shared counter (a k32 step never straddles a group).
@@ -86,8 +90,10 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -126,7 +132,8 @@ struct PreKernelParams {
   const int64_t* permutation;    // [padded_k] or null
   const float* rotation2;        // [block2, block2] (global memory) or null
   int block2;
-  PreKernelSharedLayout shared;  // pre_kernel_shared_layout(...), also says whether R is staged
+  PreKernelSharedLayout shared;  // pre_kernel_shared_layout(...)
+  RotationStaging staging;       // how `shared` holds the rotations
   int blocks_per_tile1;          // rotation_blocks_per_tile for rotation 1 and 2
   int blocks_per_tile2;
   int groups;
@@ -162,8 +169,12 @@ __device__ float block_reduce_max(float value) {
 }
 
 // Copies `count` floats of a rotation matrix into shared memory (16-byte copies when possible).
+// Unrolled so that each thread has several global loads in flight: with one token per block (T
+// below the number of SMs) the staging is paid once per token, and one load at a time would make
+// it a chain of memory latencies.
 __device__ void stage_in_shared(float* target, const float* __restrict__ source, int count) {
   if (count % 4 == 0) {
+#pragma unroll 4
     for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
       reinterpret_cast<float4*>(target)[i] = __ldg(reinterpret_cast<const float4*>(source) + i);
     }
@@ -229,6 +240,95 @@ __device__ void rotate_row(const float* source, float* target, const float* rota
   }
 }
 
+// --- Rotation on tensor cores (w4a8_kernel_layout.h, "Pre-kernel block rotation on tensor cores").
+
+__device__ __forceinline__ uint32_t pack_halves(float low, float high) {
+  const __half2 pair = __floats2half2_rn(low, high);  // exact: both are fp16 numbers already
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[kMmaCElementsPerThread], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Writes R (fp32 [b, b], global memory) as scaled hi/lo fp16 B fragments in the staged order.
+__device__ void stage_rotation_fragments(float* target_floats, const float* __restrict__ rotation, int block) {
+  uint4* target = reinterpret_cast<uint4*>(target_floats);
+  const float scale = ldexpf(1.0f, kRotationFragmentExponent);
+  const int n_tiles = block / kHalfMmaN;
+#pragma unroll 4  // several fragments' loads in flight per thread, as in stage_in_shared
+  for (int index = threadIdx.x; index < rotation_fragment_count(block); index += blockDim.x) {
+    const int lane = index % kWarpSize, tile = index / kWarpSize;
+    const int k_tile = tile / n_tiles, n_tile = tile % n_tiles;
+    HalfSplit parts[kHalfMmaBElementsPerThread];
+#pragma unroll
+    for (int j = 0; j < kHalfMmaBElementsPerThread; ++j) {
+      const MatrixCoord element = rotation_b_element(lane, j);
+      const float entry = __ldg(rotation + (k_tile * kHalfMmaK + element.row) * block + n_tile * kHalfMmaN + element.col);
+      parts[j] = split_to_halves(entry * scale);
+    }
+    target[rotation_fragment_index(k_tile, n_tile, block, lane)] =
+        make_uint4(pack_halves(parts[0].high, parts[1].high), pack_halves(parts[2].high, parts[3].high),
+                   pack_halves(parts[0].low, parts[1].low), pack_halves(parts[2].low, parts[3].low));
+  }
+}
+
+// target = source R for every block of the row, on tensor cores with fp16 hi/lo operands (three
+// MMAs per tile, fp32 accumulation). Every thread of the block must call it (block-wide maximum).
+__device__ void rotate_row_on_tensor_cores(const float* source, float* target, const uint4* fragments, int padded_k,
+                                           int block) {
+  float local_max = 0.0f;
+  for (int k = threadIdx.x; k < padded_k; k += blockDim.x) local_max = nan_propagating_max(local_max, fabsf(source[k]));
+  const int shift = row_scale_shift(block_reduce_max(local_max));
+  const float input_scale = ldexpf(1.0f, shift);
+  const float output_scale = ldexpf(1.0f, -(shift + kRotationFragmentExponent));
+  const int blocks = padded_k / block;
+  const int k_tiles = block / kHalfMmaK;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  for (int unit = threadIdx.x / kWarpSize; unit < rotation_mma_unit_count(blocks, block); unit += warps) {
+    const RotationMmaUnit tile = rotation_mma_unit(unit, block);
+    float acc[kRotationMmaNTilesPerUnit][kMmaCElementsPerThread] = {};
+    for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+      uint32_t high[4], low[4];
+#pragma unroll
+      for (int row_half = 0; row_half < 2; ++row_half) {
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // blocks past K / b: zero rows
+        if (rotation_a_block(tile.m_tile, lane, row_half) < blocks) {
+          v = *reinterpret_cast<const float4*>(source +
+                                               rotation_a_load_offset(tile.m_tile, k_tile, lane, row_half, block));
+        }
+        const HalfSplit x0 = split_to_halves(v.x * input_scale), x1 = split_to_halves(v.y * input_scale);
+        const HalfSplit x2 = split_to_halves(v.z * input_scale), x3 = split_to_halves(v.w * input_scale);
+        high[row_half] = pack_halves(x0.high, x1.high);
+        high[row_half + 2] = pack_halves(x2.high, x3.high);
+        low[row_half] = pack_halves(x0.low, x1.low);
+        low[row_half + 2] = pack_halves(x2.low, x3.low);
+      }
+#pragma unroll
+      for (int j = 0; j < kRotationMmaNTilesPerUnit; ++j) {
+        const uint4 b = fragments[rotation_fragment_index(k_tile, tile.first_n_tile + j, block, lane)];
+        mma_m16n8k16_f16(acc[j], high, b.x, b.y);  // hi x hi
+        mma_m16n8k16_f16(acc[j], low, b.x, b.y);   // lo x hi
+        mma_m16n8k16_f16(acc[j], high, b.z, b.w);  // hi x lo
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRotationMmaNTilesPerUnit; ++j) {
+#pragma unroll
+      for (int i = 0; i < kMmaCElementsPerThread; ++i) {
+        if (tile.m_tile * kHalfMmaM + mma_c_element(lane, i).row < blocks) {
+          target[rotation_c_offset(tile.m_tile, tile.first_n_tile + j, lane, i, block)] = acc[j][i] * output_scale;
+        }
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ int quantize_value(float value, float token_scale, float max_level, bool finite_scale) {
   // rintf rounds half to even, like std::nearbyint on the CPU; IEEE division (no fast math).
   return finite_scale ? static_cast<int>(fminf(fmaxf(rintf(value / token_scale), -max_level), max_level)) : 0;
@@ -236,20 +336,42 @@ __device__ __forceinline__ int quantize_value(float value, float token_scale, fl
 
 // Grid: min(T, resident blocks); block b handles tokens b, b + gridDim.x, ... so that the staged
 // rotations are copied once per block.
-template <typename InT>
+// kTensorCores: the rotations run on tensor cores from staged fragments (rotate_row_on_tensor_cores),
+// else on CUDA cores (rotate_row), reading R from shared memory when staged.
+template <typename InT, bool kTensorCores>
 __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const PreKernelParams p) {
   extern __shared__ float4 pre_kernel_shared[];
   float* shared = reinterpret_cast<float*>(pre_kernel_shared);
   const float* rotation1 = p.rotation1;
   const float* rotation2 = p.rotation2;
-  if (p.shared.rotation1 >= 0 && rotation1 != nullptr) {
-    stage_in_shared(shared + p.shared.rotation1, rotation1, p.block1 * p.block1);
-    rotation1 = shared + p.shared.rotation1;
+  const bool restage = p.staging == RotationStaging::kOneAtATime;
+  if constexpr (kTensorCores) {
+    if (!restage && rotation1 != nullptr) stage_rotation_fragments(shared + p.shared.rotation1, rotation1, p.block1);
+    if (!restage && rotation2 != nullptr) stage_rotation_fragments(shared + p.shared.rotation2, rotation2, p.block2);
+  } else {
+    if (p.shared.rotation1 >= 0 && rotation1 != nullptr) {
+      stage_in_shared(shared + p.shared.rotation1, rotation1, p.block1 * p.block1);
+      rotation1 = shared + p.shared.rotation1;
+    }
+    if (p.shared.rotation2 >= 0 && rotation2 != nullptr) {
+      stage_in_shared(shared + p.shared.rotation2, rotation2, p.block2 * p.block2);
+      rotation2 = shared + p.shared.rotation2;
+    }
   }
-  if (p.shared.rotation2 >= 0 && rotation2 != nullptr) {
-    stage_in_shared(shared + p.shared.rotation2, rotation2, p.block2 * p.block2);
-    rotation2 = shared + p.shared.rotation2;
-  }
+  // One rotation of the token row: on tensor cores, first staging R's fragments when the two
+  // rotations share one region (the barrier before the call ends every read of the region).
+  const auto rotate = [&](const float* source, float* target, const float* rotation, const float* global_rotation,
+                          int region, int block, int blocks_per_tile) {
+    if constexpr (kTensorCores) {
+      if (restage) {
+        stage_rotation_fragments(shared + region, global_rotation, block);
+        __syncthreads();
+      }
+      rotate_row_on_tensor_cores(source, target, reinterpret_cast<const uint4*>(shared + region), p.padded_k, block);
+    } else {
+      rotate_row(source, target, rotation, p.padded_k, block, blocks_per_tile);
+    }
+  };
   int* group_counters = reinterpret_cast<int*>(shared + p.shared.counters);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -259,6 +381,10 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
     float* current = shared + p.shared.row;
     float* spare = shared + p.shared.spare_row;
     const InT* x_row = static_cast<const InT*>(p.x) + token * p.in_features;
+    // Unrolled (here and in the gather below) so that a thread's global loads of the row, of
+    // smooth_inv and of the permutation are in flight together: one at a time, each iteration
+    // would wait a full memory latency (K / 256 of them per token).
+#pragma unroll 8
     for (int k = threadIdx.x; k < p.padded_k; k += blockDim.x) {
       float value = 0.0f;  // zero padding is exact (ops.h step 2)
       if (k < p.in_features) {
@@ -271,13 +397,14 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
     __syncthreads();  // also publishes the staged rotations on the first token
 
     if (rotation1 != nullptr) {
-      rotate_row(current, spare, rotation1, p.padded_k, p.block1, p.blocks_per_tile1);
+      rotate(current, spare, rotation1, p.rotation1, p.shared.rotation1, p.block1, p.blocks_per_tile1);
       __syncthreads();
       float* done = spare;
       spare = current;
       current = done;
     }
     if (p.permutation != nullptr) {
+#pragma unroll 8
       for (int k = threadIdx.x; k < p.padded_k; k += blockDim.x) {
         const int64_t source = p.permutation[k];
         CUDA_KERNEL_ASSERT(source >= 0 && source < p.padded_k);
@@ -289,7 +416,7 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
       current = done;
     }
     if (rotation2 != nullptr) {
-      rotate_row(current, spare, rotation2, p.padded_k, p.block2, p.blocks_per_tile2);
+      rotate(current, spare, rotation2, p.rotation2, p.shared.rotation2, p.block2, p.blocks_per_tile2);
       __syncthreads();
       float* done = spare;
       spare = current;
@@ -654,6 +781,18 @@ void check_on_device(const torch::Tensor& tensor, const char* name, const c10::D
               " but x is on ", device, "; move the module with .to(device)");
 }
 
+// DUQUANT_CUDA_ROTATION picks the pre-kernel's rotation path at every call: `cuda-cores` (the
+// default; fp32 FMAs) or `tensor-cores` (fp16 hi/lo MMAs, see w4a8_kernel_layout.h). Reading the
+// environment is a host-side call that CUDA-graph capture permits.
+bool rotations_on_tensor_cores_requested() {
+  const char* value = std::getenv("DUQUANT_CUDA_ROTATION");
+  if (value == nullptr || *value == '\0') return false;
+  const std::string_view choice(value);
+  TORCH_CHECK(choice == "tensor-cores" || choice == "cuda-cores", "duquant (CUDA): DUQUANT_CUDA_ROTATION=", choice,
+              " names no rotation path; set it to tensor-cores or cuda-cores (the default)");
+  return choice == "tensor-cores";
+}
+
 int64_t effective_group_size(int64_t padded_k, int64_t group_size) { return group_size > 0 ? group_size : padded_k; }
 
 void check_kernel_group_size(int64_t padded_k, int64_t group_size) {
@@ -729,14 +868,27 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   const int block2 = r2.defined() ? static_cast<int>(r2.size(0)) : 0;
   const auto* properties = at::cuda::getCurrentDeviceProperties();
   const int64_t shared_limit = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
-  // Stage the rotations in shared memory when they fit beside the row buffers (K = 2048 with two
-  // 128 x 128 rotations: 144 KB); else (K = 16384) they are read through L1.
-  PreKernelSharedLayout layout = pre_kernel_shared_layout(static_cast<int>(padded_k), block1, block2,
-                                                          /*stage_rotations=*/true, second_row, static_cast<int>(groups));
-  if ((block1 == 0 && block2 == 0) || static_cast<int64_t>(layout.total_floats) * 4 > shared_limit) {
-    layout = pre_kernel_shared_layout(static_cast<int>(padded_k), block1, block2, /*stage_rotations=*/false,
-                                      second_row, static_cast<int>(groups));
+  const auto layout_for = [&](RotationStaging staging) {
+    return pre_kernel_shared_layout(static_cast<int>(padded_k), block1, block2, staging, second_row,
+                                    static_cast<int>(groups));
+  };
+  const auto fits = [&](const PreKernelSharedLayout& candidate) {
+    return static_cast<int64_t>(candidate.total_floats) * static_cast<int64_t>(sizeof(float)) <= shared_limit;
+  };
+  // Tensor cores when asked for and every rotation's block is a multiple of 16 and at least one
+  // rotation can be staged; they stage both rotations when both fit beside the rows (K = 2048
+  // with two 128 x 128 rotations: 144 KB), else one at a time (K = 16384 on sm_90: 192 KB). The
+  // CUDA-core path stages both when they fit, else reads them through L1.
+  bool tensor_cores = rotations_on_tensor_cores_requested() && (block1 > 0 || block2 > 0) &&
+                      (block1 == 0 || rotation_fits_tensor_cores(block1)) &&
+                      (block2 == 0 || rotation_fits_tensor_cores(block2));
+  RotationStaging staging = block1 > 0 || block2 > 0 ? RotationStaging::kBoth : RotationStaging::kNone;
+  if (!fits(layout_for(staging))) staging = tensor_cores ? RotationStaging::kOneAtATime : RotationStaging::kNone;
+  if (tensor_cores && !fits(layout_for(staging))) {
+    tensor_cores = false;
+    staging = RotationStaging::kNone;
   }
+  const PreKernelSharedLayout layout = layout_for(staging);
   const int64_t shared_bytes = static_cast<int64_t>(layout.total_floats) * static_cast<int64_t>(sizeof(float));
   TORCH_CHECK(shared_bytes <= shared_limit, "duquant (CUDA): a token row of K = ", padded_k, " needs ", shared_bytes,
               " bytes of shared memory in the pre-kernel, the device allows ", shared_limit);
@@ -753,6 +905,7 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   params.rotation2 = r2.defined() ? r2.data_ptr<float>() : nullptr;
   params.block2 = block2;
   params.shared = layout;
+  params.staging = staging;
   params.blocks_per_tile1 = block1 > 0 ? rotation_blocks_per_tile(params.padded_k, block1, kPreKernelThreads) : 1;
   params.blocks_per_tile2 = block2 > 0 ? rotation_blocks_per_tile(params.padded_k, block2, kPreKernelThreads) : 1;
   params.groups = static_cast<int>(groups);
@@ -767,9 +920,10 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_rows.scalar_type(), "duquant_fused_quantize", [&] {
     using InT = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
                                    std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, scalar_t>>;
-    static SharedMemoryGrant grant;  // one per input dtype: each case of the dispatch has its own lambda
-    const auto kernel = fused_quantize_kernel<InT>;
-    allow_dynamic_shared_memory(kernel, shared_bytes, grant);
+    // One grant per kernel: each case of the dispatch has its own lambda, and two rotation paths.
+    static SharedMemoryGrant grants[2];
+    const auto kernel = tensor_cores ? fused_quantize_kernel<InT, true> : fused_quantize_kernel<InT, false>;
+    allow_dynamic_shared_memory(kernel, shared_bytes, grants[tensor_cores ? 1 : 0]);
     // As many blocks as can be resident at once (each then loops over tokens), at most one per token.
     int resident_per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_per_sm, kernel, kPreKernelThreads,
