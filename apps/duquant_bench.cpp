@@ -5,6 +5,7 @@
 //
 //   duquant_bench [--tokens 1,16,51,816] [--iterations 200] [--json out.json]
 //   duquant_bench --no-ops --model BF16.pt --quantized W4A8.pt --inputs INPUTS.pt [--model-iterations 20]
+//                 [--w4a8-variant NAME=VALUE[,NAME=VALUE...]]...
 //
 // Per shape and token count it reports the whole op, its two kernels alone (pre-kernel: transform
 // + int8 quantization; GEMM: W4A8 tensor-core GEMM + split-K reduction), bf16 linear, the ratio
@@ -26,7 +27,10 @@
 #include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "duquant/cuda_graph.h"
@@ -272,9 +276,46 @@ nlohmann::json end_to_end_json(const EndToEnd& r) {
           {"difference_from_eager", r.difference_from_eager}};
 }
 
-// The bf16 and W4A8 models, each eager and under a CUDA graph, then the W4A8 / bf16 ratios.
+// Sets environment variables ("NAME=VALUE,NAME=VALUE") for the enclosing scope and restores them:
+// the operator reads its settings at every call, so one process can time several W4A8 variants.
+class ScopedSettings {
+ public:
+  explicit ScopedSettings(const std::string& settings) {
+    std::stringstream stream(settings);
+    std::string item;
+    while (std::getline(stream, item, ',')) {
+      const auto equals = item.find('=');
+      if (equals == std::string::npos || equals == 0) {
+        throw duquant::UserError(fmt::format("--w4a8-variant takes NAME=VALUE[,NAME=VALUE...], got '{}'", item),
+                                 duquant::ExitCode::Usage);
+      }
+      const std::string name = item.substr(0, equals);
+      const char* previous = std::getenv(name.c_str());
+      saved_.push_back({name, previous ? std::optional<std::string>(previous) : std::nullopt});
+      setenv(name.c_str(), item.substr(equals + 1).c_str(), 1);
+    }
+  }
+  ~ScopedSettings() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (it->second) {
+        setenv(it->first.c_str(), it->second->c_str(), 1);
+      } else {
+        unsetenv(it->first.c_str());
+      }
+    }
+  }
+  ScopedSettings(const ScopedSettings&) = delete;
+  ScopedSettings& operator=(const ScopedSettings&) = delete;
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+// The bf16 and W4A8 models, each eager and under a CUDA graph, then the W4A8 / bf16 ratios; each
+// variant (environment settings of the operator) times the W4A8 model once more.
 nlohmann::json run_end_to_end(const std::string& model_path, const std::string& quantized_path,
-                              const std::string& inputs_path, const std::string& method, int warmup, int iterations) {
+                              const std::string& inputs_path, const std::string& method, int warmup, int iterations,
+                              const std::vector<std::string>& variants) {
   auto inputs = duquant::load_inputs(inputs_path);
   for (auto& value : inputs.values) {
     if (value.isTensor()) value = value.toTensor().to(torch::kCUDA);
@@ -283,19 +324,28 @@ nlohmann::json run_end_to_end(const std::string& model_path, const std::string& 
   for (const auto& [label, path] : {std::pair<std::string, std::string>{"bf16", model_path}, {"w4a8", quantized_path}}) {
     for (auto& result : measure_model(label, path, inputs, method, warmup, iterations)) results.push_back(result);
   }
+  for (const auto& variant : variants) {
+    const ScopedSettings settings(variant);
+    for (auto& result : measure_model("w4a8 " + variant, quantized_path, inputs, method, warmup, iterations)) {
+      results.push_back(result);
+    }
+  }
+  size_t label_width = 6;
+  for (const auto& r : results) label_width = std::max(label_width, r.model.size());
   fmt::print("\nend to end, {} calls each (median of per-call CUDA-event times):\n", iterations);
-  fmt::print("{:<6} {:<6} {:>10} {:>9} {:>9} {:>12} {:>15} {:>15} {:>9} {:>12}\n", "model", "mode", "median ms",
-             "min ms", "max ms", "weights MiB", "peak alloc MiB", "peak resv MiB", "output", "graph-eager");
+  fmt::print("{:<{}} {:<6} {:>10} {:>9} {:>9} {:>12} {:>15} {:>15} {:>9} {:>12}\n", "model", label_width, "mode",
+             "median ms", "min ms", "max ms", "weights MiB", "peak alloc MiB", "peak resv MiB", "output", "graph-eager");
   nlohmann::json json;
   json["iterations"] = iterations;
   json["runs"] = nlohmann::json::array();
   for (const auto& r : results) {
-    fmt::print("{:<6} {:<6} {:>10.2f} {:>9.2f} {:>9.2f} {:>12.1f} {:>15.1f} {:>15.1f} {:>9} {:>12}\n", r.model, r.mode,
-               r.median_ms, r.min_ms, r.max_ms, r.weights_mib, r.peak_allocated_mib, r.peak_reserved_mib,
-               r.output_dtype, r.mode == "graph" ? fmt::format("{:.2e}", r.difference_from_eager) : "");
+    fmt::print("{:<{}} {:<6} {:>10.2f} {:>9.2f} {:>9.2f} {:>12.1f} {:>15.1f} {:>15.1f} {:>9} {:>12}\n", r.model,
+               label_width, r.mode, r.median_ms, r.min_ms, r.max_ms, r.weights_mib, r.peak_allocated_mib,
+               r.peak_reserved_mib, r.output_dtype,
+               r.mode == "graph" ? fmt::format("{:.2e}", r.difference_from_eager) : "");
     json["runs"].push_back(end_to_end_json(r));
   }
-  // results: bf16 eager, bf16 graph, w4a8 eager, w4a8 graph
+  // results: bf16 eager, bf16 graph, w4a8 eager, w4a8 graph, then eager and graph per variant
   const double eager_ratio = results[2].median_ms / results[0].median_ms;
   const double graph_ratio = results[3].median_ms / results[1].median_ms;
   const double weight_ratio = results[2].weights_mib / std::max(results[0].weights_mib, 1e-9);
@@ -311,6 +361,16 @@ nlohmann::json run_end_to_end(const std::string& model_path, const std::string& 
                     {"peak_allocated_graph_w4a8_over_bf16", peak_ratio},
                     {"graph_speedup_bf16", results[0].median_ms / results[1].median_ms},
                     {"graph_speedup_w4a8", results[2].median_ms / results[3].median_ms}};
+  json["variants"] = nlohmann::json::array();
+  for (size_t i = 0; i < variants.size(); ++i) {
+    const EndToEnd& eager = results[4 + 2 * i];
+    const EndToEnd& graph = results[5 + 2 * i];
+    fmt::print("w4a8 [{}] / bf16 latency: eager {:.2f}, CUDA graph {:.2f}\n", variants[i],
+               eager.median_ms / results[0].median_ms, graph.median_ms / results[1].median_ms);
+    json["variants"].push_back({{"settings", variants[i]},
+                                {"latency_eager_over_bf16", eager.median_ms / results[0].median_ms},
+                                {"latency_graph_over_bf16", graph.median_ms / results[1].median_ms}});
+  }
   return json;
 }
 
@@ -352,6 +412,7 @@ int main(int argc, char** argv) {
   int iterations = 200, warmup = 20, model_iterations = 20, model_warmup = 3;
   bool skip_ops = false;
   std::string json_path, model_path, quantized_path, inputs_path, method = "forward";
+  std::vector<std::string> variants;
   app.add_option("--tokens", token_counts, "token counts M to time")->delimiter(',');
   app.add_option("--iterations", iterations, "timed calls per measurement")->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed calls before each measurement")->check(CLI::NonNegativeNumber);
@@ -361,6 +422,9 @@ int main(int argc, char** argv) {
   app.add_option("--quantized", quantized_path, "its W4A8 TorchScript version (duquant quantize)");
   app.add_option("--inputs", inputs_path, "inputs container (buffers arg0..argN-1, List[str] arg_names)");
   app.add_option("--method", method, "model method to time end to end");
+  app.add_option("--w4a8-variant", variants,
+                 "time the W4A8 model once more with these operator settings (NAME=VALUE[,NAME=VALUE...]; "
+                 "repeatable), e.g. DUQUANT_REUSE_ACTIVATIONS=0");
   app.add_option("--model-iterations", model_iterations, "timed end-to-end calls (per model and mode)")
       ->check(CLI::PositiveNumber);
   app.add_option("--model-warmup", model_warmup, "untimed end-to-end calls before timing and before capture")
@@ -402,7 +466,7 @@ int main(int argc, char** argv) {
     if (!skip_ops) report["ops"] = run_operator_table(token_counts, warmup, iterations);
     if (end_to_end) {
       report["end_to_end"] = run_end_to_end(model_path, quantized_path, inputs_path, method, model_warmup,
-                                            model_iterations);
+                                            model_iterations, variants);
     }
     if (!json_path.empty()) {
       duquant::write_text_atomically(report.dump(2) + "\n", json_path);

@@ -10,7 +10,8 @@
 #       there (the models are too large to send), runs the CUDA tests (kernels against the CPU
 #       reference, CUDA-graph capture), the per-layer operator benchmark, the tiny pi0 through
 #       `duquant run` on CPU, CUDA and CUDA graph, quantizes the full-size pi0 (bf16) to W4A8 on the
-#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs); the operator
+#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs, W4A8 also with
+#       DUQUANT_REUSE_ACTIVATIONS=0, every layer computing its own activations); the operator
 #       benchmark, a tiny run and the end-to-end benchmark again with the pre-kernel's rotations on
 #       tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores). Every step
 #       has its own time limit and logs into OUTPUT_DIR; a failing step does not stop the later
@@ -155,7 +156,7 @@ PY
       --calib "$WORK/pi0_full.inputs.pt" --exclude "$NOTE_EXCLUDE" "${quantize_device[@]}"
     step bench_end_to_end 240 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
       --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
-      --json "$OUT/bench_end_to_end.json"
+      --w4a8-variant DUQUANT_REUSE_ACTIVATIONS=0 --json "$OUT/bench_end_to_end.json"
     step bench_end_to_end_tensor_cores 240 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant_bench" --no-ops \
       --model "$WORK/pi0_full_script.pt" --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" \
       --model-iterations 20 --json "$OUT/bench_end_to_end_tensor_cores.json"

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "duquant/errors.h"
+#include "duquant/ops.h"
 
 #if DUQUANT_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -221,6 +222,8 @@ std::unique_ptr<CudaGraphRunner> CudaGraphRunner::capture(const torch::jit::Modu
       abandon_capture(state->device, pool);
       if (failure.empty()) failure = describe_capture_failure(first_line_of(error.what_without_backtrace()));
     }
+    // The W4A8 op's remembered activations (ops.h) are tensors of the graph's pool: let go of them.
+    ops::forget_reusable_activations();
   }
   if (!failure.empty()) throw UserError(failure);
   // Replays run on whatever stream is current then; this one must not overtake the capture's

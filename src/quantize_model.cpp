@@ -227,6 +227,16 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       }
     }
 
+    // The layers of the group hold the very same CPU transform tensors, whatever device computed
+    // them: a saved model stores them once, and the op then computes the group's shared int8
+    // activations once per call of the model (ops.h, activation reuse).
+    W4A8LinearState shared_transform;
+    shared_transform.smooth_inv = transform.smooth_inv;
+    shared_transform.rotation1 = transform.rotation1;
+    shared_transform.permutation = transform.permutation;
+    shared_transform.rotation2 = transform.rotation2;
+    shared_transform = shared_transform.to(torch::kCPU);
+
     for (size_t i = 0; i < group.size(); ++i) {
       const auto& path = group[i];
       const auto& linear = linears.at(path);
@@ -309,7 +319,12 @@ QuantizeResult quantize_model(const torch::jit::Module& model, const std::vector
       result.bf16_bytes += (weights[i].numel() + (bias.defined() ? bias.numel() : 0)) * 2;
       result.w4a8_bytes += state.packed_weight.nbytes() + state.weight_scale.nbytes() + state.weight_zero.nbytes() +
                            (state.bias.defined() ? state.bias.nbytes() : 0);
-      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), state.to(torch::kCPU)));
+      W4A8LinearState saved = state.to(torch::kCPU);
+      saved.smooth_inv = shared_transform.smooth_inv;
+      saved.rotation1 = shared_transform.rotation1;
+      saved.permutation = shared_transform.permutation;
+      saved.rotation2 = shared_transform.rotation2;
+      replacements.emplace(path, w4a8_class.instantiate(method_names(linear), saved));
       result.layers.push_back(report);
       if (on_layer) on_layer(report, ++done, targets.size());
     }

@@ -10,7 +10,9 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <cstdlib>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -633,6 +635,152 @@ TEST(W4A8LinearRegistration, DispatcherAndJitOperatorReachTheCpuKernel) {
   operators.front()->getOperation()(stack);
   ASSERT_EQ(stack.size(), 1u);
   EXPECT_TRUE(torch::equal(stack.front().toTensor(), direct));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation reuse (src/ops/activation_reuse.h): layers that share their input and transform
+// (q/k/v, gate/up) compute their int8 activations once.
+
+// Sets DUQUANT_REUSE_ACTIVATIONS for the enclosing scope and restores what was there.
+class ReuseSetting {
+ public:
+  explicit ReuseSetting(const char* value) {
+    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
+    setenv(kVariable, value, 1);
+  }
+  ~ReuseSetting() {
+    if (previous_) {
+      setenv(kVariable, previous_->c_str(), 1);
+    } else {
+      unsetenv(kVariable);
+    }
+  }
+  ReuseSetting(const ReuseSetting&) = delete;
+  ReuseSetting& operator=(const ReuseSetting&) = delete;
+
+ private:
+  static constexpr const char* kVariable = "DUQUANT_REUSE_ACTIVATIONS";
+  std::optional<std::string> previous_;
+};
+
+// Three layers (q, k, v) with one transform: the same four tensors, other weights.
+std::vector<Layer> layers_sharing_a_transform(const LayerSpec& spec) {
+  std::vector<Layer> layers;
+  for (int i = 0; i < 3; ++i) {
+    Layer layer = make_layer(spec);
+    if (i > 0) {
+      layer.smooth_inv = layers[0].smooth_inv;
+      layer.rotation1 = layers[0].rotation1;
+      layer.permutation = layers[0].permutation;
+      layer.rotation2 = layers[0].rotation2;
+    }
+    layers.push_back(layer);
+  }
+  return layers;
+}
+
+// Outputs of the layers on x, one call each in order, and the calls that reused / computed.
+struct GroupRun {
+  std::vector<torch::Tensor> outputs;
+  int64_t reused = 0;
+  int64_t computed = 0;
+};
+GroupRun run_group(const std::vector<Layer>& layers, const torch::Tensor& x) {
+  ops::forget_reusable_activations();
+  const auto before = ops::activation_reuse_stats();
+  GroupRun run;
+  for (const auto& layer : layers) run.outputs.push_back(run_op(layer, x));
+  const auto after = ops::activation_reuse_stats();
+  run.reused = after.reused - before.reused;
+  run.computed = after.computed - before.computed;
+  return run;
+}
+
+TEST(ActivationReuse, LayersSharingInputAndTransformComputeTheActivationsOnceWithTheSameOutputs) {
+  torch::manual_seed(21);
+  const auto layers = layers_sharing_a_transform({256, 40, 0, 128, true});
+  const auto x = outlier_activations({5, 256});
+  const GroupRun shared = run_group(layers, x);
+  EXPECT_EQ(shared.computed, 1);
+  EXPECT_EQ(shared.reused, 2);
+  const ReuseSetting off("0");
+  const GroupRun separate = run_group(layers, x);
+  EXPECT_EQ(separate.computed, 3);
+  EXPECT_EQ(separate.reused, 0);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    EXPECT_TRUE(torch::equal(shared.outputs[i], separate.outputs[i])) << "layer " << i;
+    expect_close(shared.outputs[i], reference_output(layers[i], x));
+  }
+}
+
+TEST(ActivationReuse, ChangedInputOrTransformIsComputedAgain) {
+  torch::manual_seed(22);
+  auto layers = layers_sharing_a_transform({256, 40, 64, 128, false});
+  auto x = outlier_activations({3, 256});
+  // An in-place change of x between two layers of the group.
+  ops::forget_reusable_activations();
+  run_op(layers[0], x);
+  x.mul_(2.0);
+  auto before = ops::activation_reuse_stats();
+  const auto after_change = run_op(layers[1], x);
+  EXPECT_EQ(ops::activation_reuse_stats().computed, before.computed + 1);
+  EXPECT_TRUE(torch::equal(after_change, run_op(layers[1], x.clone())));
+  // Equal values in another tensor, and an equal transform in other tensors, are not the same.
+  ops::forget_reusable_activations();
+  run_op(layers[0], x);
+  before = ops::activation_reuse_stats();
+  run_op(layers[1], x.clone());
+  EXPECT_EQ(ops::activation_reuse_stats().computed, before.computed + 1);
+  Layer copied = layers[2];
+  copied.rotation2 = layers[2].rotation2.clone();
+  run_op(layers[1], x);
+  before = ops::activation_reuse_stats();
+  run_op(copied, x);
+  EXPECT_EQ(ops::activation_reuse_stats().computed, before.computed + 1);
+  // An in-place change of a transform tensor (its version moves even if its values do not).
+  run_op(layers[0], x);
+  layers[0].rotation1.mul_(1.0);
+  before = ops::activation_reuse_stats();
+  run_op(layers[1], x);
+  EXPECT_EQ(ops::activation_reuse_stats().computed, before.computed + 1);
+  // Other activation settings.
+  before = ops::activation_reuse_stats();
+  run_op(layers[1], x, /*act_bits=*/6);
+  run_op(layers[1], x, /*act_bits=*/6, /*act_clip=*/0.9);
+  EXPECT_EQ(ops::activation_reuse_stats().computed, before.computed + 2);
+}
+
+// Skipped steps are empty tensors, a different one in every layer: they still match.
+TEST(ActivationReuse, SkippedStepsMatchWhateverEmptyTensorStandsForThem) {
+  torch::manual_seed(23);
+  std::vector<Layer> layers = {make_layer({100, 24}), make_layer({100, 16})};
+  layers[1].permutation = torch::empty({0}, torch::kLong);
+  ASSERT_FALSE(layers[0].rotation1.is_same(layers[1].rotation1));
+  const GroupRun run = run_group(layers, outlier_activations({4, 100}));
+  EXPECT_EQ(run.computed, 1);
+  EXPECT_EQ(run.reused, 1);
+}
+
+// Inference tensors keep no version counter, so an in-place change could not be seen: never reused.
+TEST(ActivationReuse, InferenceTensorsAreAlwaysComputed) {
+  torch::manual_seed(24);
+  const auto layers = layers_sharing_a_transform({256, 40, 0, 128, false});
+  const c10::InferenceMode inference;
+  const GroupRun run = run_group(layers, outlier_activations({2, 256}));
+  EXPECT_EQ(run.computed, 3);
+  EXPECT_EQ(run.reused, 0);
+}
+
+TEST(ActivationReuse, TheSwitchTakesZeroOrOneAndNamesAnythingElse) {
+  torch::manual_seed(25);
+  const Layer layer = make_layer({100, 24});
+  const ReuseSetting bad("yes");
+  try {
+    run_op(layer, outlier_activations({2, 100}));
+    FAIL() << "DUQUANT_REUSE_ACTIVATIONS=yes was accepted";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what_without_backtrace()).find("DUQUANT_REUSE_ACTIVATIONS=yes"), std::string::npos);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 
 #include "duquant/errors.h"
@@ -297,6 +298,47 @@ TEST(PipelineOptions, ReleasingOriginalWeightsGivesTheSameModelAndFreesTheTarget
   EXPECT_EQ(result.stages[Stage::Save], 0.0);
 }
 
+// The layers of a shared input (q/k/v, gate/up) hold the very same transform tensors, in the
+// result and in its saved file, so that the op computes their int8 activations once per call
+// (ops.h): with seven targets per decoder layer, k, v and up reuse, 3 of every 7 calls, and the
+// output is bitwise that of computing every call's activations.
+TEST(QuantizedModel, LayersOfASharedInputShareTheirActivations) {
+  const auto model_path = testing::fixture("pi0_tiny_script.pt");
+  testing::require_fixture(model_path);
+  auto model = load_model(model_path);
+  const auto inputs = load_inputs(testing::fixture("pi0_tiny.inputs.pt"));
+  auto result = quantize_with(model, inputs,
+                              test_config({{"include", "\\.layers\\.0\\."}, {"weight-rounding", "nearest"}}));
+  ASSERT_EQ(result.layers.size(), 14u);
+  const auto path = testing::temporary_directory("shared_activations") + "/layers0.pt";
+  save_model_atomically(result.model, path);
+  auto saved = load_model(path);
+  for (const auto& layer_prefix : {kLlm0, kExpert0}) {
+    const auto modules = modules_by_path(saved);
+    const auto q = W4A8LinearClass::read(modules.at(layer_prefix + "self_attn.q_proj"));
+    const auto v = W4A8LinearClass::read(modules.at(layer_prefix + "self_attn.v_proj"));
+    const auto up = W4A8LinearClass::read(modules.at(layer_prefix + "mlp.up_proj"));
+    const auto gate = W4A8LinearClass::read(modules.at(layer_prefix + "mlp.gate_proj"));
+    // (smoothing and permutation always exist with calibration; a rotation may be skipped.)
+    EXPECT_TRUE(q.smooth_inv.is_same(v.smooth_inv) && q.permutation.is_same(v.permutation)) << layer_prefix;
+    EXPECT_TRUE(gate.smooth_inv.is_same(up.smooth_inv)) << layer_prefix;
+  }
+
+  torch::NoGradGuard no_grad;
+  ops::forget_reusable_activations();
+  const auto before = ops::activation_reuse_stats();
+  const auto with_reuse = run(saved, inputs);
+  const auto after = ops::activation_reuse_stats();
+  const int64_t reused = after.reused - before.reused, calls = reused + after.computed - before.computed;
+  EXPECT_GT(calls, 0);
+  EXPECT_EQ(reused * 7, calls * 3) << reused << " of " << calls << " calls reused their activations";
+
+  setenv("DUQUANT_REUSE_ACTIVATIONS", "0", 1);
+  const auto without_reuse = run(saved, inputs);
+  unsetenv("DUQUANT_REUSE_ACTIVATIONS");
+  EXPECT_TRUE(torch::equal(with_reuse, without_reuse));
+}
+
 // The device path is the CPU path: quantizing on CUDA gives the CPU's model up to floating-point
 // rounding (same rotation steps and permutations, nearly all the same integer levels, the same
 // outputs to within the quantization noise). Skips without a GPU.
@@ -332,6 +374,10 @@ TEST(PipelineOptions, CudaQuantizationMatchesTheCpu) {
     differing += (levels_a != levels_b).sum().item<int64_t>();
   }
   EXPECT_GE(same_permutation, static_cast<int64_t>(0.9 * on_cpu.layers.size()));
+  // The group's layers share the CPU copies of their transform, as on the CPU.
+  const auto q = W4A8LinearClass::read(cuda_layers.at(kLlm0 + "self_attn.q_proj"));
+  const auto k = W4A8LinearClass::read(cuda_layers.at(kLlm0 + "self_attn.k_proj"));
+  EXPECT_TRUE(q.permutation.is_same(k.permutation) && q.smooth_inv.is_same(k.smooth_inv));
   EXPECT_LT(static_cast<double>(differing) / levels, 0.01);
   const auto reference = run(model, inputs);
   EXPECT_NEAR(relative_error(run(on_cuda.model, inputs), reference), relative_error(run(on_cpu.model, inputs), reference),

@@ -63,6 +63,20 @@ std::tuple<torch::Tensor, torch::Tensor> gptq_sweep_block(const torch::Tensor& b
 torch::Tensor pack_int4(const torch::Tensor& levels);
 torch::Tensor unpack_int4(const torch::Tensor& packed);
 
+// Layers that share their input and transform (q/k/v, gate/up) share their int8 activations: a
+// w4a8_linear call reuses those of the previous call on the same thread when x is the same tensor,
+// unchanged, and the transform tensors are the same (src/ops/activation_reuse.h has the rule;
+// DUQUANT_REUSE_ACTIVATIONS=0 turns it off). Counts of this thread's calls that reused or computed
+// their activations:
+struct ActivationReuseStats {
+  int64_t reused = 0;
+  int64_t computed = 0;
+};
+ActivationReuseStats activation_reuse_stats();
+// Drops this thread's remembered activations and the references they hold (the CUDA-graph runner
+// calls it after a capture, so that the graph's memory pool is not held by them).
+void forget_reusable_activations();
+
 // Calls the registered operator (dispatches to the CPU or CUDA kernel by x's device).
 torch::Tensor w4a8_linear(const torch::Tensor& x, const torch::Tensor& smooth_inv,
                           const torch::Tensor& rotation1, const torch::Tensor& permutation,

@@ -23,16 +23,15 @@
 
 #include <tuple>
 
+#include "w4a8_cpu_reference.h"
+
 namespace duquant::ops::cuda {
 
 inline constexpr const char* kFusedQuantizeOp = "duquant::_fused_quantize_activations";
 inline constexpr const char* kGemmOp = "duquant::_w4a8_gemm";
 
-struct QuantizedActivations {
-  torch::Tensor values;     // int8 [T, K]
-  torch::Tensor scale;      // float32 [T]
-  torch::Tensor group_sum;  // int32 [T, G]
-};
+// int8 values [T, K], float32 scale [T], int32 group_sum [T, G]: the CPU reference's type.
+using QuantizedActivations = cpu_reference::QuantizedActivations;
 
 // True when libduquant_ops was built with its CUDA kernels (a GPU may still be absent).
 inline bool cuda_kernels_available() {

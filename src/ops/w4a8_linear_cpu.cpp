@@ -39,6 +39,7 @@
 #include <limits>
 #include <vector>
 
+#include "activation_reuse.h"
 #include "duquant/ops.h"
 #include "w4a8_layout.h"
 
@@ -197,16 +198,14 @@ void dequantize_tile(const torch::Tensor& piece_sums, const ExactGemmPlan& plan,
   });
 }
 
-// Step 6 with act_bits > 0: float32 [T, N].
-torch::Tensor integer_matmul(const torch::Tensor& transformed, const torch::Tensor& packed_weight,
-                             const torch::Tensor& weight_scale, const torch::Tensor& weight_zero, int64_t group_size,
-                             int64_t act_bits, double act_clip) {
-  const auto activations = quantize_activations(transformed, act_bits, act_clip, group_size);
-  const auto plan = plan_exact_gemm(transformed.size(1), group_size);
+// Step 6 with act_bits > 0, weight side: float32 [T, N] from the quantized activations.
+torch::Tensor integer_matmul(const QuantizedActivations& activations, const torch::Tensor& packed_weight,
+                             const torch::Tensor& weight_scale, const torch::Tensor& weight_zero, int64_t group_size) {
+  const auto plan = plan_exact_gemm(activations.values.size(1), group_size);
   const auto activation_pieces = as_piece_operand(activations.values, plan);
   const auto weight_pieces = unpack_weight_pieces(packed_weight, plan);
   const auto scale = weight_scale.contiguous(), zero = weight_zero.contiguous();
-  const int64_t tokens = transformed.size(0), out_features = packed_weight.size(0);
+  const int64_t tokens = activations.values.size(0), out_features = packed_weight.size(0);
   auto output = torch::empty({tokens, out_features}, torch::kFloat);
   const int64_t tile = columns_per_tile(plan, tokens, out_features);
   for (int64_t first = 0; first < out_features; first += tile) {
@@ -394,13 +393,23 @@ torch::Tensor w4a8_linear_cpu(const torch::Tensor& x, const torch::Tensor& smoot
   output_sizes.back() = shape.out_features;
   if (shape.tokens == 0 || shape.out_features == 0) return torch::empty(output_sizes, x.options());
 
-  // Steps 1-5 (online_transform.cpp), then quantized in fp32 whatever x's dtype.
-  const auto transformed = apply_online_transform(x.reshape({shape.tokens, in_features}), smooth_inv, rotation1,
-                                                  permutation, rotation2, shape.padded_in_features)
-                               .to(torch::kFloat);
-  auto output = act_bits > 0 ? integer_matmul(transformed, packed_weight, weight_scale, weight_zero, group_size,
-                                              act_bits, act_clip)
-                             : float_matmul(transformed, packed_weight, weight_scale, weight_zero, group_size);
+  // Steps 1-5 (online_transform.cpp), then quantized in fp32 whatever x's dtype; the activations
+  // of the previous call when it had the same input and transform (activation_reuse.h).
+  const auto transformed = [&] {
+    return apply_online_transform(x.reshape({shape.tokens, in_features}), smooth_inv, rotation1, permutation,
+                                  rotation2, shape.padded_in_features)
+        .to(torch::kFloat);
+  };
+  torch::Tensor output;
+  if (act_bits > 0) {
+    const ActivationRequest request{x, smooth_inv, rotation1, permutation, rotation2, shape.padded_in_features,
+                                    group_size, act_bits, act_clip};
+    const auto activations =
+        reuse_or_quantize(request, [&] { return quantize_activations(transformed(), act_bits, act_clip, group_size); });
+    output = integer_matmul(activations, packed_weight, weight_scale, weight_zero, group_size);
+  } else {
+    output = float_matmul(transformed(), packed_weight, weight_scale, weight_zero, group_size);
+  }
   if (bias.numel() > 0) output.add_(bias.to(torch::kFloat));  // step 7
   return output.to(x.scalar_type()).view(output_sizes);
 }

@@ -98,6 +98,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "activation_reuse.h"
 #include "duquant/ops.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_cuda.h"
@@ -1132,9 +1133,20 @@ torch::Tensor w4a8_linear_cuda(const torch::Tensor& x, const torch::Tensor& smoo
     return y.to(x.scalar_type()).view(output_sizes);
   }
 
-  const auto activations =
-      fused_quantize_activations_cuda(x_rows, smooth_inv, rotation1, permutation, rotation2, shape.padded_in_features,
-                                      shape.group_size, act_bits, act_clip);
+  // The activations of the previous call when it had the same input and transform, on the same
+  // stream and in the same capture (activation_reuse.h).
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &capture_status, &capture_id));
+  ActivationRequest request{x, smooth_inv, rotation1, permutation, rotation2, shape.padded_in_features,
+                            shape.group_size, act_bits, act_clip};
+  request.stream = stream.id();
+  request.capture = capture_status == cudaStreamCaptureStatusActive ? capture_id : 0;
+  const auto activations = reuse_or_quantize(request, [&] {
+    return fused_quantize_activations_cuda(x_rows, smooth_inv, rotation1, permutation, rotation2,
+                                           shape.padded_in_features, shape.group_size, act_bits, act_clip);
+  });
   return w4a8_gemm_cuda(activations.values, activations.scale, activations.group_sum, packed_weight, weight_scale,
                         weight_zero, bias, shape.group_size, x.scalar_type())
       .view(output_sizes);
