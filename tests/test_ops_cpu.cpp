@@ -10,15 +10,14 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
-#include <cstdlib>
 #include <iostream>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "duquant/ops.h"
 #include "fma_kernels_cpu.h"
+#include "test_support.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_layout.h"
 
@@ -641,26 +640,10 @@ TEST(W4A8LinearRegistration, DispatcherAndJitOperatorReachTheCpuKernel) {
 // Activation reuse (src/ops/activation_reuse.h): layers that share their input and transform
 // (q/k/v, gate/up) compute their int8 activations once.
 
-// Sets DUQUANT_REUSE_ACTIVATIONS for the enclosing scope and restores what was there.
-class ReuseSetting {
+// Turns reuse on or off ("1" / "0") for the enclosing scope.
+class ReuseSetting : public duquant::testing::ScopedEnvironment {
  public:
-  explicit ReuseSetting(const char* value) {
-    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
-    setenv(kVariable, value, 1);
-  }
-  ~ReuseSetting() {
-    if (previous_) {
-      setenv(kVariable, previous_->c_str(), 1);
-    } else {
-      unsetenv(kVariable);
-    }
-  }
-  ReuseSetting(const ReuseSetting&) = delete;
-  ReuseSetting& operator=(const ReuseSetting&) = delete;
-
- private:
-  static constexpr const char* kVariable = "DUQUANT_REUSE_ACTIVATIONS";
-  std::optional<std::string> previous_;
+  explicit ReuseSetting(const char* value) : ScopedEnvironment("DUQUANT_REUSE_ACTIVATIONS", value) {}
 };
 
 // Three layers (q, k, v) with one transform: the same four tensors, other weights.

@@ -23,13 +23,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <iostream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "duquant/ops.h"
+#include "test_support.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_cuda.h"
 #include "w4a8_layout.h"
@@ -426,26 +426,10 @@ TEST(W4A8LinearCuda, RejectsMisplacedAndUnsupportedArguments) {
 // operands, w4a8_kernel_layout.h): the same comparisons with the CPU as the CUDA-core path, ties
 // counted the same way, and exact rotations still exact.
 
-// Sets DUQUANT_CUDA_ROTATION for the enclosing scope and restores what was there.
-class RotationPath {
+// Picks the pre-kernel's rotation path for the enclosing scope.
+class RotationPath : public testing::ScopedEnvironment {
  public:
-  explicit RotationPath(const char* path) {
-    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
-    setenv(kVariable, path, 1);
-  }
-  ~RotationPath() {
-    if (previous_) {
-      setenv(kVariable, previous_->c_str(), 1);
-    } else {
-      unsetenv(kVariable);
-    }
-  }
-  RotationPath(const RotationPath&) = delete;
-  RotationPath& operator=(const RotationPath&) = delete;
-
- private:
-  static constexpr const char* kVariable = "DUQUANT_CUDA_ROTATION";
-  std::optional<std::string> previous_;
+  explicit RotationPath(const char* path) : ScopedEnvironment("DUQUANT_CUDA_ROTATION", path) {}
 };
 
 TEST(W4A8LinearCudaTensorCoreRotation, Pi0ShapesAtOneAndExpertTokens) {

@@ -4,7 +4,6 @@
 #include <torch/script.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 
 #include "duquant/errors.h"
@@ -333,10 +332,8 @@ TEST(QuantizedModel, LayersOfASharedInputShareTheirActivations) {
   EXPECT_GT(calls, 0);
   EXPECT_EQ(reused * 7, calls * 3) << reused << " of " << calls << " calls reused their activations";
 
-  setenv("DUQUANT_REUSE_ACTIVATIONS", "0", 1);
-  const auto without_reuse = run(saved, inputs);
-  unsetenv("DUQUANT_REUSE_ACTIVATIONS");
-  EXPECT_TRUE(torch::equal(with_reuse, without_reuse));
+  const testing::ScopedEnvironment reuse_off("DUQUANT_REUSE_ACTIVATIONS", "0");
+  EXPECT_TRUE(torch::equal(with_reuse, run(saved, inputs)));
 }
 
 // The device path is the CPU path: quantizing on CUDA gives the CPU's model up to floating-point

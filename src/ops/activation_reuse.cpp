@@ -1,11 +1,10 @@
 // Reuse of quantized activations across the layers of one shared input (activation_reuse.h).
 #include "activation_reuse.h"
 
-#include <cstdlib>
 #include <optional>
-#include <string_view>
 
 #include "duquant/ops.h"
+#include "operator_settings.h"
 
 namespace duquant::ops {
 namespace {
@@ -27,14 +26,7 @@ ThreadState& thread_state() {
   return state;
 }
 
-bool reuse_enabled() {
-  const char* value = std::getenv("DUQUANT_REUSE_ACTIVATIONS");
-  if (value == nullptr || *value == '\0') return true;
-  const std::string_view setting(value);
-  TORCH_CHECK(setting == "0" || setting == "1", "duquant: DUQUANT_REUSE_ACTIVATIONS=", setting,
-              " is not a switch; set it to 1 (reuse, the default) or 0");
-  return setting == "1";
-}
+bool reuse_enabled() { return operator_setting("DUQUANT_REUSE_ACTIVATIONS", {"1", "0"}, "1") == "1"; }
 
 // A transform tensor is the same step as the remembered one: both skipped (empty), or the same
 // tensor at the same version.

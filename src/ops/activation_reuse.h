@@ -20,7 +20,7 @@
 //    capture, nor one capture those of another.
 // The entry holds references to x and to the transform tensors, so that none of them can be freed
 // and its address reused while the entry exists. DUQUANT_REUSE_ACTIVATIONS=0 turns reuse off
-// (read at every call, like every setting of the operator library).
+// (operator_settings.h).
 #pragma once
 
 #include <torch/torch.h>

@@ -90,16 +90,15 @@
 
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 
 #include "activation_reuse.h"
 #include "duquant/ops.h"
+#include "operator_settings.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_cuda.h"
 #include "w4a8_kernel_layout.h"
@@ -782,16 +781,10 @@ void check_on_device(const torch::Tensor& tensor, const char* name, const c10::D
               " but x is on ", device, "; move the module with .to(device)");
 }
 
-// DUQUANT_CUDA_ROTATION picks the pre-kernel's rotation path at every call: `cuda-cores` (the
-// default; fp32 FMAs) or `tensor-cores` (fp16 hi/lo MMAs, see w4a8_kernel_layout.h). Reading the
-// environment is a host-side call that CUDA-graph capture permits.
+// DUQUANT_CUDA_ROTATION (operator_settings.h) picks the pre-kernel's rotation path at every call:
+// `cuda-cores` (the default; fp32 FMAs) or `tensor-cores` (fp16 hi/lo MMAs, w4a8_kernel_layout.h).
 bool rotations_on_tensor_cores_requested() {
-  const char* value = std::getenv("DUQUANT_CUDA_ROTATION");
-  if (value == nullptr || *value == '\0') return false;
-  const std::string_view choice(value);
-  TORCH_CHECK(choice == "tensor-cores" || choice == "cuda-cores", "duquant (CUDA): DUQUANT_CUDA_ROTATION=", choice,
-              " names no rotation path; set it to tensor-cores or cuda-cores (the default)");
-  return choice == "tensor-cores";
+  return operator_setting("DUQUANT_CUDA_ROTATION", {"cuda-cores", "tensor-cores"}, "cuda-cores") == "tensor-cores";
 }
 
 int64_t effective_group_size(int64_t padded_k, int64_t group_size) { return group_size > 0 ? group_size : padded_k; }
