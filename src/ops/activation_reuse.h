@@ -14,10 +14,10 @@
 //    version counter -- and not an inference tensor (those keep no version counter: never reused);
 //  * each transform tensor is the same tensor at the same version, or both are empty (step
 //    skipped);
-//  * padded K, group size, activation bits and clip, the device and the `context` are equal. The
-//    CUDA kernels put the current stream and the id of the graph capture in progress (0: none)
-//    in the context, so that a captured call never reads activations computed outside its
-//    capture, nor one capture those of another.
+//  * padded K, group size, activation bits and clip are equal, and so are the stream and the
+//    capture: the CUDA kernel passes the current stream and the id of the graph capture in
+//    progress on it (0: none), so that a captured call never reads activations computed outside
+//    its capture, nor one capture those of another. (The device is x's, so x decides it.)
 // The entry holds references to x and to the transform tensors, so that none of them can be freed
 // and its address reused while the entry exists. DUQUANT_REUSE_ACTIVATIONS=0 turns reuse off
 // (operator_settings.h).
@@ -33,7 +33,7 @@
 namespace duquant::ops {
 
 struct ActivationRequest {
-  torch::Tensor x;  // [T, in_features] as the kernel reads it
+  torch::Tensor x;  // the op's own x argument: its identity and version are compared, not its values
   torch::Tensor smooth_inv;
   torch::Tensor rotation1;
   torch::Tensor permutation;
