@@ -604,17 +604,21 @@ TEST(TensorCoreRotation, StagedFragmentsAreABijectionReadWithoutBankConflicts) {
   }
 }
 
-TEST(TensorCoreRotation, RowScalePutsTheLargestValueInTheTopBinadeOfItsRange) {
-  for (const float absmax : {1e-17f, 3e-5f, 0.7f, 1.0f, 1.5f, 1000.0f, 65504.0f, 1e12f}) {
-    const float scaled = std::ldexp(absmax, row_scale_shift(absmax));
-    EXPECT_GE(scaled, std::ldexp(1.0f, kRowScaleTargetExponent - 1)) << absmax;
-    EXPECT_LT(scaled, std::ldexp(1.0f, kRowScaleTargetExponent)) << absmax;
+TEST(TensorCoreRotation, OperandScalePutsTheLargestValueInTheTopBinadeAtEveryFloatMagnitude) {
+  for (const float absmax : {1e-45f, 1e-40f, 1e-30f, 3e-5f, 0.7f, 1.0f, 1.5f, 1000.0f, 65504.0f, 1e20f, 3.4e38f}) {
+    const int shift = half_operand_shift(absmax);
+    const PowerOfTwo scale = power_of_two(shift);
+    EXPECT_TRUE(std::isnormal(scale.first) && std::isnormal(scale.second)) << absmax;
+    EXPECT_EQ(static_cast<double>(scale.first) * scale.second, std::ldexp(1.0, shift)) << absmax;
+    const float scaled = scaled_by(absmax, scale);
+    EXPECT_EQ(static_cast<double>(scaled), std::ldexp(static_cast<double>(absmax), shift)) << absmax << " exactly";
+    EXPECT_GE(scaled, std::ldexp(1.0f, kHalfOperandTargetExponent - 1)) << absmax;
+    EXPECT_LT(scaled, std::ldexp(1.0f, kHalfOperandTargetExponent)) << absmax;
   }
-  // Rows beyond the exponent limit are scaled as at the limit; zero and non-finite rows not at all.
-  EXPECT_EQ(row_scale_shift(1e-35f), kRowScaleTargetExponent + kRowScaleExponentLimit);
-  EXPECT_EQ(row_scale_shift(0.0f), 0);
-  EXPECT_EQ(row_scale_shift(std::numeric_limits<float>::infinity()), 0);
-  EXPECT_EQ(row_scale_shift(std::numeric_limits<float>::quiet_NaN()), 0);
+  // Zero and non-finite maxima leave the operand as it is.
+  EXPECT_EQ(half_operand_shift(0.0f), 0);
+  EXPECT_EQ(half_operand_shift(std::numeric_limits<float>::infinity()), 0);
+  EXPECT_EQ(half_operand_shift(std::numeric_limits<float>::quiet_NaN()), 0);
 }
 
 // Scaled rows lie within +-2^15. Down to |x| = 2^-3, lo is a normal fp16 number and hi + lo keeps
@@ -636,17 +640,22 @@ TEST(TensorCoreRotation, HalfSplitKeepsTwentyTwoBitsOrTwoToTheMinus25) {
 }
 
 // One token row rotated as the kernel does it, emulated on the CPU with the kernel's helpers:
-// the row scale, every warp unit, the 16-byte A loads, the staged B fragments (scaled by
-// 2^kRotationFragmentExponent, split), the three products hi x hi + lo x hi + hi x lo through the
-// PTX ISA's fragment maps, and the output offsets. Summed in double (the tensor cores add in fp32),
-// the result must be the float64 rotation to ~2^-22 of the row's scale.
+// the scales of the row and of R, every warp unit, the 16-byte A loads, the staged B fragments,
+// the three products hi x hi + lo x hi + hi x lo through the PTX ISA's fragment maps, and the
+// output offsets. Summed in double (the tensor cores add in fp32), the result must be the float64
+// rotation to ~2^-22 of the output's scale.
+float largest_magnitude(const std::vector<float>& values) {
+  float absmax = 0.0f;
+  for (const float v : values) absmax = std::max(absmax, std::abs(v));
+  return absmax;
+}
+
 std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row, const std::vector<float>& rotation,
                                                   int block) {
   const int padded_k = static_cast<int>(row.size()), blocks = padded_k / block;
-  float absmax = 0.0f;
-  for (const float v : row) absmax = std::max(absmax, std::abs(v));
-  const int shift = row_scale_shift(absmax);
-  const double output_scale = std::ldexp(1.0, -(shift + kRotationFragmentExponent));
+  const int shift = half_operand_shift(largest_magnitude(row));
+  const int rotation_shift = half_operand_shift(largest_magnitude(rotation));
+  const int output_shift = -(shift + rotation_shift);
   std::vector<double> out(padded_k, std::nan(""));
   for (int unit = 0; unit < rotation_mma_unit_count(blocks, block); ++unit) {
     const RotationMmaUnit tile = rotation_mma_unit(unit, block);
@@ -662,7 +671,7 @@ std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row,
           for (int row_half = 0; row_half < 2; ++row_half) {
             if (rotation_a_block(tile.m_tile, lane, row_half) >= blocks) continue;
             const int offset = rotation_a_load_offset(tile.m_tile, k_tile, lane, row_half, block);
-            for (int v = 0; v < 4; ++v) loaded[row_half][v] = row[offset + v] * std::ldexp(1.0f, shift);
+            for (int v = 0; v < 4; ++v) loaded[row_half][v] = scaled_by(row[offset + v], power_of_two(shift));
           }
           for (int i = 0; i < kHalfMmaAElementsPerThread; ++i) {
             // Register r = i / 2 = row_half + 2 * pair holds floats 2 * pair, 2 * pair + 1.
@@ -675,7 +684,7 @@ std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row,
           for (int i = 0; i < kHalfMmaBElementsPerThread; ++i) {
             const MatrixCoord element = rotation_b_element(lane, i);
             const float entry = rotation[(k_tile * kHalfMmaK + element.row) * block + n_tile * kHalfMmaN + element.col];
-            const HalfSplit split = split_to_halves(entry * std::ldexp(1.0f, kRotationFragmentExponent));
+            const HalfSplit split = split_to_halves(scaled_by(entry, power_of_two(rotation_shift)));
             const MatrixCoord slot = ptx_isa_f16_b(lane, i);
             b_high[slot.row][slot.col] = split.high;
             b_low[slot.row][slot.col] = split.low;
@@ -693,7 +702,7 @@ std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row,
         for (int i = 0; i < kMmaCElementsPerThread; ++i) {
           const MatrixCoord c = mma_c_element(lane, i);
           if (tile.m_tile * kHalfMmaM + c.row >= blocks) continue;
-          out[rotation_c_offset(tile.m_tile, n_tile, lane, i, block)] = acc[c.row][c.col] * output_scale;
+          out[rotation_c_offset(tile.m_tile, n_tile, lane, i, block)] = std::ldexp(acc[c.row][c.col], output_shift);
         }
       }
     }
@@ -704,11 +713,11 @@ std::vector<double> emulated_tensor_core_rotation(const std::vector<float>& row,
 TEST(TensorCoreRotation, EmulatedRowEqualsTheFloat64RotationToTwentyTwoBits) {
   std::mt19937 random(17);
   std::normal_distribution<float> gaussian(0.0f, 1.0f);
-  // Rows of every magnitude, R of orthogonal-like entries (~1 / sqrt(b)) and R with entries up to
-  // the 255 the fragment scale allows; orthogonality itself plays no part in the arithmetic.
+  // Rows of every magnitude fp32 holds, R of orthogonal-like entries (~1 / sqrt(b)) and far larger
+  // or smaller ones; orthogonality itself plays no part in the arithmetic.
   for (const auto& [padded_k, block, magnitude, rotation_magnitude] : std::vector<std::tuple<int, int, float, float>>{
            {384, 128, 1.0f, 0.25f}, {1024, 128, 3e4f, 0.25f}, {96, 16, 1e-3f, 0.7f}, {2560, 128, 1e6f, 0.25f},
-           {256, 16, 1.0f, 250.0f}}) {
+           {256, 16, 1.0f, 1000.0f}, {256, 128, 1e30f, 0.25f}, {256, 128, 1e-30f, 1e-3f}}) {
     std::uniform_real_distribution<float> entry(-rotation_magnitude, rotation_magnitude);
     std::vector<float> rotation(static_cast<size_t>(block) * block);
     for (auto& r : rotation) r = entry(random);

@@ -331,12 +331,13 @@ DUQUANT_HOST_DEVICE constexpr PreKernelSharedLayout pre_kernel_shared_layout(int
 // operand is split in two fp16 numbers, x = hi + lo with hi = fp16(x), lo = fp16(x - hi) (22
 // bits), and x R = hi_x hi_R + lo_x hi_R + hi_x lo_R with fp32 accumulation: three MMAs per tile,
 // the dropped lo_x lo_R is ~2^-22 of the product. fp16's range is kept by powers of two, which are
-// exact: the row is scaled so that its largest |x| lies in [2^14, 2^15) (row_scale_shift) and R by
-// 2^8. Then hi + lo keeps 22 bits of every entry down to 2^-3 (lo is a normal fp16 number) and
-// errs by at most 2^-25 below (lo's subnormal spacing): 2^-39 of the row's largest entry, 2^-33
-// for an entry of R, whose entries may reach 255 in magnitude (an orthogonal R's are at most 1).
-// The products then differ from the CPU's fp32 FMA chain by rounding only, like the CUDA-core
-// path: int8 activations can differ by a rounding tie.
+// exact: the row and R are each scaled so that their largest magnitude lies in [2^14, 2^15)
+// (half_operand_shift; R's maximum is taken when it is staged), whatever their magnitude in fp32.
+// Then hi + lo keeps 22 bits of every entry down to 2^-3 (lo is a normal fp16 number) and errs by
+// at most 2^-25 below (lo's subnormal spacing), 2^-39 of the operand's largest entry; products and
+// their sums stay below 2^37, and the outputs are scaled back exactly (ldexpf). The result differs
+// from the CPU's fp32 FMA chain by rounding only, like the CUDA-core path: int8 activations can
+// differ by a rounding tie.
 //
 // k order inside one k16 tile: as for the int8 GEMM, A and B may put any physical k in an MMA slot
 // as long as both use the same map. Slots 2t, 2t+1, 2t+8, 2t+9 (t = threadID_in_group) hold
@@ -358,13 +359,8 @@ constexpr int kHalfMmaBElementsPerThread = 4;
 constexpr int kRotationMmaNTilesPerUnit = 2;
 constexpr int kRotationMmaBlockMultiple = kHalfMmaK;  // k tiles and pairs of n8 tiles: b % 16 == 0
 constexpr int kRotationFragmentBytes = 16;
-// R * 2^8: entries up to 255 stay below fp16's largest number (65504).
-constexpr int kRotationFragmentExponent = 8;
-// The row's largest |x| is scaled into [2^(e - 1), 2^e): sums of 128 products with R stay below 2^31.
-constexpr int kRowScaleTargetExponent = 15;
-// Rows whose largest |x| has an exponent outside this range are scaled as if at its end: the
-// scales 2^-45 .. 2^75 and the output scales stay normal fp32 numbers.
-constexpr int kRowScaleExponentLimit = 60;
+// Each operand's largest magnitude is scaled into [2^(e - 1), 2^e), below fp16's largest number.
+constexpr int kHalfOperandTargetExponent = 15;
 
 DUQUANT_HOST_DEVICE constexpr bool rotation_fits_tensor_cores(int block) {
   return block > 0 && block % kRotationMmaBlockMultiple == 0;
@@ -415,18 +411,27 @@ DUQUANT_HOST_DEVICE constexpr int rotation_fragment_count(int block) {
   return (block / kHalfMmaK) * (block / kHalfMmaN) * kWarpSize;
 }
 
-// frexp's exponent e of the row's largest |x| (|x| in [2^(e-1), 2^e)) decides the scale
-// 2^row_scale_shift; a zero or non-finite maximum leaves the row unscaled (NaN and Inf then
-// propagate through the MMAs as through the CPU's sums).
-DUQUANT_HOST_DEVICE inline int row_scale_shift(float absmax) {
+// The shift s that puts an operand's largest magnitude `absmax` into [2^14, 2^15) when multiplied
+// by 2^s (frexp: absmax in [2^(e-1), 2^e), s = 15 - e, from -113 for the largest float to 163 for
+// the smallest subnormal); a zero or non-finite maximum leaves the operand unscaled (NaN and Inf
+// then propagate through the MMAs as through the CPU's sums).
+DUQUANT_HOST_DEVICE inline int half_operand_shift(float absmax) {
   if (!(absmax > 0.0f && absmax <= 3.40282347e38f)) return 0;
   int exponent = 0;
   frexpf(absmax, &exponent);
-  exponent = exponent < -kRowScaleExponentLimit ? -kRowScaleExponentLimit
-             : exponent > kRowScaleExponentLimit ? kRowScaleExponentLimit
-                                                 : exponent;
-  return kRowScaleTargetExponent - exponent;
+  return kHalfOperandTargetExponent - exponent;
 }
+
+// 2^shift as two factors of equal sign, each a normal float for |shift| <= 252 (one float cannot
+// hold 2^163): multiplying by the first, then the second, is exact whenever the result is.
+struct PowerOfTwo {
+  float first;
+  float second;
+};
+DUQUANT_HOST_DEVICE inline PowerOfTwo power_of_two(int shift) {
+  return {ldexpf(1.0f, shift / 2), ldexpf(1.0f, shift - shift / 2)};
+}
+DUQUANT_HOST_DEVICE inline float scaled_by(float value, PowerOfTwo scale) { return value * scale.first * scale.second; }
 
 // fp16 rounding (round to nearest even, subnormals kept) as a float.
 DUQUANT_HOST_DEVICE inline float round_to_half(float value) {

@@ -255,10 +255,20 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[kMmaCElementsPerThre
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Writes R (fp32 [b, b], global memory) as scaled hi/lo fp16 B fragments in the staged order.
-__device__ void stage_rotation_fragments(float* target_floats, const float* __restrict__ rotation, int block) {
+// Largest |entry| of `count` floats, NaN-propagating, known to every thread of the block.
+__device__ float block_absmax(const float* values, int count) {
+  float local_max = 0.0f;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) local_max = nan_propagating_max(local_max, fabsf(values[i]));
+  return block_reduce_max(local_max);
+}
+
+// Writes R (fp32 [b, b], global memory) as hi/lo fp16 B fragments in the staged order, scaled by
+// 2^shift so that its largest entry lies in [2^14, 2^15); returns the shift (every thread of the
+// block must call it: block-wide maximum).
+__device__ int stage_rotation_fragments(float* target_floats, const float* __restrict__ rotation, int block) {
+  const int shift = half_operand_shift(block_absmax(rotation, block * block));
+  const PowerOfTwo scale = power_of_two(shift);
   uint4* target = reinterpret_cast<uint4*>(target_floats);
-  const float scale = ldexpf(1.0f, kRotationFragmentExponent);
   const int n_tiles = block / kHalfMmaN;
 #pragma unroll 4  // several fragments' loads in flight per thread, as in stage_in_shared
   for (int index = threadIdx.x; index < rotation_fragment_count(block); index += blockDim.x) {
@@ -269,23 +279,23 @@ __device__ void stage_rotation_fragments(float* target_floats, const float* __re
     for (int j = 0; j < kHalfMmaBElementsPerThread; ++j) {
       const MatrixCoord element = rotation_b_element(lane, j);
       const float entry = __ldg(rotation + (k_tile * kHalfMmaK + element.row) * block + n_tile * kHalfMmaN + element.col);
-      parts[j] = split_to_halves(entry * scale);
+      parts[j] = split_to_halves(scaled_by(entry, scale));
     }
     target[rotation_fragment_index(k_tile, n_tile, block, lane)] =
         make_uint4(pack_halves(parts[0].high, parts[1].high), pack_halves(parts[2].high, parts[3].high),
                    pack_halves(parts[0].low, parts[1].low), pack_halves(parts[2].low, parts[3].low));
   }
+  return shift;
 }
 
 // target = source R for every block of the row, on tensor cores with fp16 hi/lo operands (three
-// MMAs per tile, fp32 accumulation). Every thread of the block must call it (block-wide maximum).
-__device__ void rotate_row_on_tensor_cores(const float* source, float* target, const uint4* fragments, int padded_k,
-                                           int block) {
-  float local_max = 0.0f;
-  for (int k = threadIdx.x; k < padded_k; k += blockDim.x) local_max = nan_propagating_max(local_max, fabsf(source[k]));
-  const int shift = row_scale_shift(block_reduce_max(local_max));
-  const float input_scale = ldexpf(1.0f, shift);
-  const float output_scale = ldexpf(1.0f, -(shift + kRotationFragmentExponent));
+// MMAs per tile, fp32 accumulation); `fragments` holds R scaled by 2^rotation_shift. Every thread
+// of the block must call it (block-wide maximum).
+__device__ void rotate_row_on_tensor_cores(const float* source, float* target, const uint4* fragments,
+                                           int rotation_shift, int padded_k, int block) {
+  const int shift = half_operand_shift(block_absmax(source, padded_k));
+  const PowerOfTwo input_scale = power_of_two(shift);
+  const int output_shift = -(shift + rotation_shift);
   const int blocks = padded_k / block;
   const int k_tiles = block / kHalfMmaK;
   const int lane = threadIdx.x % kWarpSize;
@@ -302,8 +312,10 @@ __device__ void rotate_row_on_tensor_cores(const float* source, float* target, c
           v = *reinterpret_cast<const float4*>(source +
                                                rotation_a_load_offset(tile.m_tile, k_tile, lane, row_half, block));
         }
-        const HalfSplit x0 = split_to_halves(v.x * input_scale), x1 = split_to_halves(v.y * input_scale);
-        const HalfSplit x2 = split_to_halves(v.z * input_scale), x3 = split_to_halves(v.w * input_scale);
+        const HalfSplit x0 = split_to_halves(scaled_by(v.x, input_scale));
+        const HalfSplit x1 = split_to_halves(scaled_by(v.y, input_scale));
+        const HalfSplit x2 = split_to_halves(scaled_by(v.z, input_scale));
+        const HalfSplit x3 = split_to_halves(scaled_by(v.w, input_scale));
         high[row_half] = pack_halves(x0.high, x1.high);
         high[row_half + 2] = pack_halves(x2.high, x3.high);
         low[row_half] = pack_halves(x0.low, x1.low);
@@ -322,7 +334,9 @@ __device__ void rotate_row_on_tensor_cores(const float* source, float* target, c
 #pragma unroll
       for (int i = 0; i < kMmaCElementsPerThread; ++i) {
         if (tile.m_tile * kHalfMmaM + mma_c_element(lane, i).row < blocks) {
-          target[rotation_c_offset(tile.m_tile, tile.first_n_tile + j, lane, i, block)] = acc[j][i] * output_scale;
+          // ldexpf: the two shifts together may exceed one float's exponent range.
+          target[rotation_c_offset(tile.m_tile, tile.first_n_tile + j, lane, i, block)] =
+              ldexpf(acc[j][i], output_shift);
         }
       }
     }
@@ -345,9 +359,14 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
   const float* rotation1 = p.rotation1;
   const float* rotation2 = p.rotation2;
   const bool restage = p.staging == RotationStaging::kOneAtATime;
+  int rotation1_shift = 0, rotation2_shift = 0;  // tensor cores: the staged fragments' scales
   if constexpr (kTensorCores) {
-    if (!restage && rotation1 != nullptr) stage_rotation_fragments(shared + p.shared.rotation1, rotation1, p.block1);
-    if (!restage && rotation2 != nullptr) stage_rotation_fragments(shared + p.shared.rotation2, rotation2, p.block2);
+    if (!restage && rotation1 != nullptr) {
+      rotation1_shift = stage_rotation_fragments(shared + p.shared.rotation1, rotation1, p.block1);
+    }
+    if (!restage && rotation2 != nullptr) {
+      rotation2_shift = stage_rotation_fragments(shared + p.shared.rotation2, rotation2, p.block2);
+    }
   } else {
     if (p.shared.rotation1 >= 0 && rotation1 != nullptr) {
       stage_in_shared(shared + p.shared.rotation1, rotation1, p.block1 * p.block1);
@@ -361,13 +380,14 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
   // One rotation of the token row: on tensor cores, first staging R's fragments when the two
   // rotations share one region (the barrier before the call ends every read of the region).
   const auto rotate = [&](const float* source, float* target, const float* rotation, const float* global_rotation,
-                          int region, int block, int blocks_per_tile) {
+                          int region, int& rotation_shift, int block, int blocks_per_tile) {
     if constexpr (kTensorCores) {
       if (restage) {
-        stage_rotation_fragments(shared + region, global_rotation, block);
+        rotation_shift = stage_rotation_fragments(shared + region, global_rotation, block);
         __syncthreads();
       }
-      rotate_row_on_tensor_cores(source, target, reinterpret_cast<const uint4*>(shared + region), p.padded_k, block);
+      rotate_row_on_tensor_cores(source, target, reinterpret_cast<const uint4*>(shared + region), rotation_shift,
+                                 p.padded_k, block);
     } else {
       rotate_row(source, target, rotation, p.padded_k, block, blocks_per_tile);
     }
@@ -397,7 +417,7 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
     __syncthreads();  // also publishes the staged rotations on the first token
 
     if (rotation1 != nullptr) {
-      rotate(current, spare, rotation1, p.rotation1, p.shared.rotation1, p.block1, p.blocks_per_tile1);
+      rotate(current, spare, rotation1, p.rotation1, p.shared.rotation1, rotation1_shift, p.block1, p.blocks_per_tile1);
       __syncthreads();
       float* done = spare;
       spare = current;
@@ -416,7 +436,7 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
       current = done;
     }
     if (rotation2 != nullptr) {
-      rotate(current, spare, rotation2, p.rotation2, p.shared.rotation2, p.block2, p.blocks_per_tile2);
+      rotate(current, spare, rotation2, p.rotation2, p.shared.rotation2, rotation2_shift, p.block2, p.blocks_per_tile2);
       __syncthreads();
       float* done = spare;
       spare = current;
@@ -796,12 +816,19 @@ void check_kernel_group_size(int64_t padded_k, int64_t group_size) {
               " must be a multiple of ", kMmaK, " (one tensor-core k step never straddles a weight group)");
 }
 
+// Rotation blocks are at most this wide on the GPU: the kernels index a block's b * b entries
+// with 32-bit integers (DuQuant's blocks are 16 to 128).
+constexpr int64_t kMaxRotationBlock = 4096;
+
 void check_rotation_operand(const torch::Tensor& rotation, const char* name, int64_t padded_k) {
   if (rotation.numel() == 0) return;
   TORCH_CHECK(rotation.dim() == 2 && rotation.size(0) == rotation.size(1) && rotation.is_floating_point() &&
                   padded_k % rotation.size(0) == 0,
               "duquant (CUDA): ", name, " must be a square floating-point matrix whose size divides K = ", padded_k,
               ", got ", rotation.scalar_type(), " ", rotation.sizes());
+  TORCH_CHECK(rotation.size(0) <= kMaxRotationBlock, "duquant (CUDA): ", name, " is a ", rotation.size(0),
+              "-wide block; the GPU kernels take blocks of at most ", kMaxRotationBlock,
+              " (quantize with a smaller --block)");
 }
 
 QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, const torch::Tensor& smooth_inv,
@@ -866,8 +893,11 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
     return pre_kernel_shared_layout(static_cast<int>(padded_k), block1, block2, staging, second_row,
                                     static_cast<int>(groups));
   };
+  // The kernel's static shared memory (block_reduce_max's per-warp results) comes off the limit.
+  constexpr int64_t kStaticSharedBytes = sizeof(float) * (kPreKernelThreads / kWarpSize);
   const auto fits = [&](const PreKernelSharedLayout& candidate) {
-    return static_cast<int64_t>(candidate.total_floats) * static_cast<int64_t>(sizeof(float)) <= shared_limit;
+    return static_cast<int64_t>(candidate.total_floats) * static_cast<int64_t>(sizeof(float)) <=
+           shared_limit - kStaticSharedBytes;
   };
   // Tensor cores when asked for and every rotation's block is a multiple of 16 and at least one
   // rotation can be staged; they stage both rotations when both fit beside the rows (K = 2048
