@@ -1,6 +1,7 @@
 // Reuse of quantized activations across the layers of one shared input (activation_reuse.h).
 #include "activation_reuse.h"
 
+#include <array>
 #include <optional>
 
 #include "duquant/ops.h"
@@ -12,7 +13,7 @@ namespace {
 struct ReusableEntry {
   ActivationRequest request;
   int64_t x_version = 0;
-  int64_t transform_versions[4] = {};
+  std::array<int64_t, 4> transform_versions{};
   cpu_reference::QuantizedActivations activations;
 };
 
@@ -37,6 +38,11 @@ bool same_step(const torch::Tensor& tensor, const torch::Tensor& remembered, int
   return tensor.is_same(remembered) && tensor._version() == remembered_version;
 }
 
+// The four transform tensors of a request, in ops.h's step order.
+std::array<const torch::Tensor*, 4> transform_steps(const ActivationRequest& request) {
+  return {&request.smooth_inv, &request.rotation1, &request.permutation, &request.rotation2};
+}
+
 int64_t version_of(const torch::Tensor& tensor) {
   return tensor.defined() && tensor.numel() > 0 ? tensor._version() : 0;
 }
@@ -49,10 +55,8 @@ bool matches(const ActivationRequest& request, const ReusableEntry& entry) {
       request.stream != remembered.stream || request.capture != remembered.capture) {
     return false;
   }
-  const torch::Tensor* steps[4] = {&request.smooth_inv, &request.rotation1, &request.permutation, &request.rotation2};
-  const torch::Tensor* remembered_steps[4] = {&remembered.smooth_inv, &remembered.rotation1, &remembered.permutation,
-                                              &remembered.rotation2};
-  for (int i = 0; i < 4; ++i) {
+  const auto steps = transform_steps(request), remembered_steps = transform_steps(remembered);
+  for (size_t i = 0; i < steps.size(); ++i) {
     if (!same_step(*steps[i], *remembered_steps[i], entry.transform_versions[i])) return false;
   }
   return true;
@@ -76,8 +80,8 @@ cpu_reference::QuantizedActivations reuse_or_quantize(
     ReusableEntry entry;
     entry.request = request;
     entry.x_version = request.x._version();
-    const torch::Tensor* steps[4] = {&request.smooth_inv, &request.rotation1, &request.permutation, &request.rotation2};
-    for (int i = 0; i < 4; ++i) entry.transform_versions[i] = version_of(*steps[i]);
+    const auto steps = transform_steps(request);
+    for (size_t i = 0; i < steps.size(); ++i) entry.transform_versions[i] = version_of(*steps[i]);
     entry.activations = activations;
     state.entry = std::move(entry);
   }

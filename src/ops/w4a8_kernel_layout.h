@@ -332,7 +332,7 @@ DUQUANT_HOST_DEVICE constexpr PreKernelSharedLayout pre_kernel_shared_layout(int
 // bits), and x R = hi_x hi_R + lo_x hi_R + hi_x lo_R with fp32 accumulation: three MMAs per tile,
 // the dropped lo_x lo_R is ~2^-22 of the product. fp16's range is kept by powers of two, which are
 // exact: the row and R are each scaled so that their largest magnitude lies in [2^14, 2^15)
-// (half_operand_shift; R's maximum is taken when it is staged), whatever their magnitude in fp32.
+// (half_operand_shift; R's maximum is taken once per thread block), whatever their magnitude in fp32.
 // Then hi + lo keeps 22 bits of every entry down to 2^-3 (lo is a normal fp16 number) and errs by
 // at most 2^-25 below (lo's subnormal spacing), 2^-39 of the operand's largest entry; products and
 // their sums stay below 2^37, and the outputs are scaled back exactly (ldexpf). The result differs

@@ -262,11 +262,16 @@ __device__ float block_absmax(const float* values, int count) {
   return block_reduce_max(local_max);
 }
 
+// The shift that scales R's largest entry into [2^14, 2^15) (every thread of the block must call
+// it: block-wide maximum). R is the same for every token, so a block computes it once.
+__device__ int rotation_shift_of(const float* __restrict__ rotation, int block) {
+  return rotation == nullptr ? 0 : half_operand_shift(block_absmax(rotation, block * block));
+}
+
 // Writes R (fp32 [b, b], global memory) as hi/lo fp16 B fragments in the staged order, scaled by
-// 2^shift so that its largest entry lies in [2^14, 2^15); returns the shift (every thread of the
-// block must call it: block-wide maximum).
-__device__ int stage_rotation_fragments(float* target_floats, const float* __restrict__ rotation, int block) {
-  const int shift = half_operand_shift(block_absmax(rotation, block * block));
+// 2^shift (rotation_shift_of).
+__device__ void stage_rotation_fragments(float* target_floats, const float* __restrict__ rotation, int block,
+                                         int shift) {
   const PowerOfTwo scale = power_of_two(shift);
   uint4* target = reinterpret_cast<uint4*>(target_floats);
   const int n_tiles = block / kHalfMmaN;
@@ -285,7 +290,6 @@ __device__ int stage_rotation_fragments(float* target_floats, const float* __res
         make_uint4(pack_halves(parts[0].high, parts[1].high), pack_halves(parts[2].high, parts[3].high),
                    pack_halves(parts[0].low, parts[1].low), pack_halves(parts[2].low, parts[3].low));
   }
-  return shift;
 }
 
 // target = source R for every block of the row, on tensor cores with fp16 hi/lo operands (three
@@ -361,11 +365,13 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
   const bool restage = p.staging == RotationStaging::kOneAtATime;
   int rotation1_shift = 0, rotation2_shift = 0;  // tensor cores: the staged fragments' scales
   if constexpr (kTensorCores) {
+    rotation1_shift = rotation_shift_of(rotation1, p.block1);
+    rotation2_shift = rotation_shift_of(rotation2, p.block2);
     if (!restage && rotation1 != nullptr) {
-      rotation1_shift = stage_rotation_fragments(shared + p.shared.rotation1, rotation1, p.block1);
+      stage_rotation_fragments(shared + p.shared.rotation1, rotation1, p.block1, rotation1_shift);
     }
     if (!restage && rotation2 != nullptr) {
-      rotation2_shift = stage_rotation_fragments(shared + p.shared.rotation2, rotation2, p.block2);
+      stage_rotation_fragments(shared + p.shared.rotation2, rotation2, p.block2, rotation2_shift);
     }
   } else {
     if (p.shared.rotation1 >= 0 && rotation1 != nullptr) {
@@ -380,10 +386,10 @@ __global__ void __launch_bounds__(kPreKernelThreads) fused_quantize_kernel(const
   // One rotation of the token row: on tensor cores, first staging R's fragments when the two
   // rotations share one region (the barrier before the call ends every read of the region).
   const auto rotate = [&](const float* source, float* target, const float* rotation, const float* global_rotation,
-                          int region, int& rotation_shift, int block, int blocks_per_tile) {
+                          int region, int rotation_shift, int block, int blocks_per_tile) {
     if constexpr (kTensorCores) {
       if (restage) {
-        rotation_shift = stage_rotation_fragments(shared + region, global_rotation, block);
+        stage_rotation_fragments(shared + region, global_rotation, block, rotation_shift);
         __syncthreads();
       }
       rotate_row_on_tensor_cores(source, target, reinterpret_cast<const uint4*>(shared + region), rotation_shift,
