@@ -4,8 +4,11 @@
 // captured as one CUDA graph (include/duquant/cuda_graph.h), with the W4A8 / bf16 ratios.
 //
 //   duquant_bench [--tokens 1,16,51,816] [--iterations 200] [--json out.json]
+//                 [--w4a8-variant NAME=VALUE[,NAME=VALUE...]]...
 //   duquant_bench --no-ops --model BF16.pt --quantized W4A8.pt --inputs INPUTS.pt [--model-iterations 20]
 //                 [--w4a8-variant NAME=VALUE[,NAME=VALUE...]]...
+// Each --w4a8-variant (operator settings, operator_settings.h) times the W4A8 op and model once
+// more in the same process, e.g. DUQUANT_CUDA_ROTATION=cublas.
 //
 // Per shape and token count it reports the whole op, its two kernels alone (pre-kernel: transform
 // + int8 quantization; GEMM: W4A8 tensor-core GEMM + split-K reduction), bf16 linear, the ratio
@@ -106,6 +109,41 @@ Layer random_layer(const LayerShape& shape, const torch::Device& device) {
   return layer;
 }
 
+// Sets environment variables ("NAME=VALUE,NAME=VALUE") for the enclosing scope and restores them:
+// the operator reads its settings at every call, so one process can time several W4A8 variants.
+class ScopedSettings {
+ public:
+  explicit ScopedSettings(const std::string& settings) {
+    std::stringstream stream(settings);
+    std::string item;
+    while (std::getline(stream, item, ',')) {
+      const auto equals = item.find('=');
+      if (equals == std::string::npos || equals == 0) {
+        throw duquant::UserError(fmt::format("--w4a8-variant takes NAME=VALUE[,NAME=VALUE...], got '{}'", item),
+                                 duquant::ExitCode::Usage);
+      }
+      const std::string name = item.substr(0, equals);
+      const char* previous = std::getenv(name.c_str());
+      saved_.push_back({name, previous ? std::optional<std::string>(previous) : std::nullopt});
+      setenv(name.c_str(), item.substr(equals + 1).c_str(), 1);
+    }
+  }
+  ~ScopedSettings() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (it->second) {
+        setenv(it->first.c_str(), it->second->c_str(), 1);
+      } else {
+        unsetenv(it->first.c_str());
+      }
+    }
+  }
+  ScopedSettings(const ScopedSettings&) = delete;
+  ScopedSettings& operator=(const ScopedSettings&) = delete;
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
 struct Measurement {
   std::string name;
   int64_t in_features, out_features, tokens;
@@ -124,13 +162,18 @@ Measurement measure(const LayerShape& shape, int64_t tokens, int warmup, int ite
       kActBits, kActClip);
 
   Measurement m{shape.name, shape.in_features, shape.out_features, tokens, 0, 0, 0, 0, 0, 0, 0};
-  m.w4a8_us = time_us(
-      [&] {
-        duquant::ops::w4a8_linear(x, layer.smooth_inv, layer.rotation1, layer.permutation, layer.rotation2,
-                                  layer.packed_weight, layer.weight_scale, layer.weight_zero, layer.bias,
-                                  layer.in_features, -1, kActBits, kActClip);
-      },
-      warmup, iterations);
+  {
+    // Every call here has the same input: with activation reuse on, all but the first would skip
+    // the pre-kernel. A layer's own cost includes it.
+    const ScopedSettings no_reuse("DUQUANT_REUSE_ACTIVATIONS=0");
+    m.w4a8_us = time_us(
+        [&] {
+          duquant::ops::w4a8_linear(x, layer.smooth_inv, layer.rotation1, layer.permutation, layer.rotation2,
+                                    layer.packed_weight, layer.weight_scale, layer.weight_zero, layer.bias,
+                                    layer.in_features, -1, kActBits, kActClip);
+        },
+        warmup, iterations);
+  }
   m.pre_kernel_us = time_us(
       [&] {
         duquant::ops::cuda::fused_quantize_activations(x, layer.smooth_inv, layer.rotation1, layer.permutation,
@@ -276,41 +319,6 @@ nlohmann::json end_to_end_json(const EndToEnd& r) {
           {"difference_from_eager", r.difference_from_eager}};
 }
 
-// Sets environment variables ("NAME=VALUE,NAME=VALUE") for the enclosing scope and restores them:
-// the operator reads its settings at every call, so one process can time several W4A8 variants.
-class ScopedSettings {
- public:
-  explicit ScopedSettings(const std::string& settings) {
-    std::stringstream stream(settings);
-    std::string item;
-    while (std::getline(stream, item, ',')) {
-      const auto equals = item.find('=');
-      if (equals == std::string::npos || equals == 0) {
-        throw duquant::UserError(fmt::format("--w4a8-variant takes NAME=VALUE[,NAME=VALUE...], got '{}'", item),
-                                 duquant::ExitCode::Usage);
-      }
-      const std::string name = item.substr(0, equals);
-      const char* previous = std::getenv(name.c_str());
-      saved_.push_back({name, previous ? std::optional<std::string>(previous) : std::nullopt});
-      setenv(name.c_str(), item.substr(equals + 1).c_str(), 1);
-    }
-  }
-  ~ScopedSettings() {
-    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
-      if (it->second) {
-        setenv(it->first.c_str(), it->second->c_str(), 1);
-      } else {
-        unsetenv(it->first.c_str());
-      }
-    }
-  }
-  ScopedSettings(const ScopedSettings&) = delete;
-  ScopedSettings& operator=(const ScopedSettings&) = delete;
-
- private:
-  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
-};
-
 // The bf16 and W4A8 models, each eager and under a CUDA graph, then the W4A8 / bf16 ratios; each
 // variant (environment settings of the operator) times the W4A8 model once more.
 nlohmann::json run_end_to_end(const std::string& model_path, const std::string& quantized_path,
@@ -374,6 +382,12 @@ nlohmann::json run_end_to_end(const std::string& model_path, const std::string& 
   return json;
 }
 
+// The operator reads DUQUANT_CUDA_ROTATION at every call; each table says which path it timed.
+std::string rotation_path_in_effect() {
+  const char* path = std::getenv("DUQUANT_CUDA_ROTATION");
+  return path != nullptr && *path != '\0' ? path : "cuda-cores";
+}
+
 // The per-layer operator table: every pi0 projection shape at every token count.
 nlohmann::json run_operator_table(const std::vector<int64_t>& token_counts, int warmup, int iterations) {
   nlohmann::json json;
@@ -423,8 +437,8 @@ int main(int argc, char** argv) {
   app.add_option("--inputs", inputs_path, "inputs container (buffers arg0..argN-1, List[str] arg_names)");
   app.add_option("--method", method, "model method to time end to end");
   app.add_option("--w4a8-variant", variants,
-                 "time the W4A8 model once more with these operator settings (NAME=VALUE[,NAME=VALUE...]; "
-                 "repeatable), e.g. DUQUANT_REUSE_ACTIVATIONS=0");
+                 "time the W4A8 operator table and model once more with these operator settings "
+                 "(NAME=VALUE[,NAME=VALUE...]; repeatable), e.g. DUQUANT_CUDA_ROTATION=cublas");
   app.add_option("--model-iterations", model_iterations, "timed end-to-end calls (per model and mode)")
       ->check(CLI::PositiveNumber);
   app.add_option("--model-warmup", model_warmup, "untimed end-to-end calls before timing and before capture")
@@ -455,15 +469,21 @@ int main(int argc, char** argv) {
     const auto* properties = at::cuda::getCurrentDeviceProperties();
     fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
                properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
-    // The operator reads DUQUANT_CUDA_ROTATION at every call; the table says which path it timed.
-    const char* rotation_path = std::getenv("DUQUANT_CUDA_ROTATION");
-    const std::string rotations = rotation_path != nullptr && *rotation_path != '\0' ? rotation_path : "cuda-cores";
-    fmt::print("pre-kernel rotations: {} (DUQUANT_CUDA_ROTATION)\n", rotations);
+    fmt::print("pre-kernel rotations: {} (DUQUANT_CUDA_ROTATION)\n", rotation_path_in_effect());
 
     nlohmann::json report;
     report["device"] = properties->name;
-    report["pre_kernel_rotations"] = rotations;
-    if (!skip_ops) report["ops"] = run_operator_table(token_counts, warmup, iterations);
+    report["pre_kernel_rotations"] = rotation_path_in_effect();
+    if (!skip_ops) {
+      report["ops"] = run_operator_table(token_counts, warmup, iterations);
+      report["ops_variants"] = nlohmann::json::array();
+      for (const auto& variant : variants) {
+        const ScopedSettings settings(variant);
+        fmt::print("\nW4A8 with {} (pre-kernel rotations: {}):\n", variant, rotation_path_in_effect());
+        report["ops_variants"].push_back(
+            {{"settings", variant}, {"table", run_operator_table(token_counts, warmup, iterations)}});
+      }
+    }
     if (end_to_end) {
       report["end_to_end"] = run_end_to_end(model_path, quantized_path, inputs_path, method, model_warmup,
                                             model_iterations, variants);

@@ -10,12 +10,17 @@
 #       there (the models are too large to send), runs the CUDA tests (kernels against the CPU
 #       reference, CUDA-graph capture), the per-layer operator benchmark, the tiny pi0 through
 #       `duquant run` on CPU, CUDA and CUDA graph, quantizes the full-size pi0 (bf16) to W4A8 on the
-#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs, W4A8 also with
-#       DUQUANT_REUSE_ACTIVATIONS=0, every layer computing its own activations); the operator
-#       benchmark, a tiny run and the end-to-end benchmark again with the pre-kernel's rotations on
-#       tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores). Every step
+#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs). The
+#       operator benchmark and the end-to-end one time the W4A8 op again on its other paths
+#       (DUQUANT_CUDA_ROTATION=tensor-cores: the rotations inside the pre-kernel on tensor cores;
+#       =cublas: the transform as fp32 cuBLAS GEMMs before it; DUQUANT_CUDA_GEMM=cublaslt: the
+#       integer product by cuBLASLt on int8 weight levels), the end-to-end one also with
+#       DUQUANT_REUSE_ACTIVATIONS=0 (every layer computing its own activations); the tiny pi0 runs
+#       under a CUDA graph on the tensor-core path and on both cuBLAS paths. Every step
 #       has its own time limit and logs into OUTPUT_DIR; a failing step does not stop the later
-#       ones. The whole call stays within DUQUANT_GPU_BUDGET_SECONDS (default 540);
+#       ones; DUQUANT_GPU_SKIP='name|name...' skips steps by name (a second call on a machine that
+#       has run the first can skip what passed). The whole call stays within
+#       DUQUANT_GPU_BUDGET_SECONDS (default 540);
 #       OUTPUT_DIR/summary.txt lists each step's exit code and seconds, the test totals and the
 #       end-to-end table.
 set -uo pipefail
@@ -23,6 +28,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DEPS="$ROOT/.gpu_deps"
 PACKAGES=(libcli11-dev nlohmann-json3-dev libgtest-dev libpcre2-dev libpcre2-8-0)
+# The W4A8 op's other paths (src/ops/operator_settings.h), timed beside the default by the
+# benchmark: the rotations on tensor cores or as cuBLAS GEMMs, the integer product by cuBLASLt.
+PATH_VARIANTS=(--w4a8-variant DUQUANT_CUDA_ROTATION=tensor-cores --w4a8-variant DUQUANT_CUDA_ROTATION=cublas
+  --w4a8-variant DUQUANT_CUDA_GEMM=cublaslt --w4a8-variant DUQUANT_CUDA_ROTATION=cublas,DUQUANT_CUDA_GEMM=cublaslt)
 NOTE_EXCLUDE='(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_modal_projector|lm_head)(?:\.|$)'
 
 # step NAME SECONDS COMMAND...: runs COMMAND with a time limit (cut to what is left of the whole
@@ -32,6 +41,10 @@ NOTE_EXCLUDE='(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower|vision|multi_mod
 step() {
   local name="$1" limit="$2"
   shift 2
+  if [ -n "${DUQUANT_GPU_SKIP:-}" ] && [[ "$name" =~ ^(${DUQUANT_GPU_SKIP})$ ]]; then
+    echo "$name: skipped (DUQUANT_GPU_SKIP)" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
   local remaining=$((DEADLINE - SECONDS))
   if ((remaining < 10)); then
     echo "$name: skipped, the time budget is spent" | tee -a "$OUT/summary.txt"
@@ -116,12 +129,10 @@ case "${1:-}" in
     grep -iE "warning|spill" "$LOGS/build.log" > "$LOGS/build_warnings.txt" || true
 
     step test_ops_layout_cuda 60 "$BUILD/tests/test_ops_layout_cuda"
-    step test_ops_cuda 150 "$BUILD/tests/test_ops_cuda"
-    # The kernels' speed, per layer shape (no model needed).
-    step bench_ops 120 "$BUILD/duquant_bench" --iterations 100 --warmup 10 --json "$OUT/bench_ops.json"
-    # The same with the pre-kernel's rotations on tensor cores (fp16 hi/lo MMAs instead of fp32 FMAs).
-    step bench_ops_tensor_cores 120 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant_bench" --iterations 100 \
-      --warmup 10 --json "$OUT/bench_ops_tensor_cores.json"
+    step test_ops_cuda 240 "$BUILD/tests/test_ops_cuda"
+    # The kernels' speed, per layer shape (no model needed), on each rotation path.
+    step bench_ops 240 "$BUILD/duquant_bench" --iterations 100 --warmup 10 "${PATH_VARIANTS[@]}" \
+      --json "$OUT/bench_ops.json"
 
     wait "$tiny_generation"
     step test_cuda_graph 150 "$BUILD/tests/test_cuda_graph"
@@ -138,11 +149,13 @@ case "${1:-}" in
       --save "$WORK/tiny_cuda_graph.pt"
     step run_tiny_cuda_graph_tensor_cores 60 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant" run "${tiny[@]}" \
       --device cuda --cuda-graph --repeat 20 --save "$WORK/tiny_cuda_graph_tensor_cores.pt"
+    step run_tiny_cuda_graph_cublas 60 env DUQUANT_CUDA_ROTATION=cublas DUQUANT_CUDA_GEMM=cublaslt "$BUILD/duquant" \
+      run "${tiny[@]}" --device cuda --cuda-graph --repeat 20 --save "$WORK/tiny_cuda_graph_cublas.pt"
     python3 - "$WORK" > "$LOGS/run_tiny_compare.log" 2>&1 <<'PY'
 import sys, torch
 work = sys.argv[1]
 cpu = torch.jit.load(f"{work}/tiny_cpu.pt").output.float()
-for name in ("tiny_cuda", "tiny_cuda_graph", "tiny_cuda_graph_tensor_cores"):
+for name in ("tiny_cuda", "tiny_cuda_graph", "tiny_cuda_graph_tensor_cores", "tiny_cuda_graph_cublas"):
     other = torch.jit.load(f"{work}/{name}.pt").output.float()
     print(f"pi0 tiny W4A8, {name} vs CPU: max abs {(cpu - other).abs().max().item():.3e}, "
           f"rel L2 {((cpu - other).norm() / cpu.norm()).item():.3e}")
@@ -154,12 +167,9 @@ PY
     echo "quantize full with: ${quantize_device[*]:-(CPU, no --device option)}" >> "$OUT/summary.txt"
     step quantize_full 300 "$BUILD/duquant" quantize "$WORK/pi0_full_script.pt" -o "$WORK/pi0_full_w4a8.pt" \
       --calib "$WORK/pi0_full.inputs.pt" --exclude "$NOTE_EXCLUDE" "${quantize_device[@]}"
-    step bench_end_to_end 240 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
+    step bench_end_to_end 420 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
       --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
-      --w4a8-variant DUQUANT_REUSE_ACTIVATIONS=0 --json "$OUT/bench_end_to_end.json"
-    step bench_end_to_end_tensor_cores 240 env DUQUANT_CUDA_ROTATION=tensor-cores "$BUILD/duquant_bench" --no-ops \
-      --model "$WORK/pi0_full_script.pt" --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" \
-      --model-iterations 20 --json "$OUT/bench_end_to_end_tensor_cores.json"
+      --w4a8-variant DUQUANT_REUSE_ACTIVATIONS=0 "${PATH_VARIANTS[@]}" --json "$OUT/bench_end_to_end.json"
 
     for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph test_quantize_on_cuda; do
       grep -E "^\[  (PASSED  |SKIPPED )\] [0-9]+ test|^\[  FAILED  \] .*\)$" "$LOGS/$log.log" | sed "s/^/$log: /" \
@@ -168,10 +178,8 @@ PY
     done
     cat "$LOGS/run_tiny_compare.log" >> "$OUT/summary.txt"
     grep -E "^\[DUQUANT\] (calibration|target layer memory)" "$LOGS/quantize_full.log" >> "$OUT/summary.txt"
-    for log in bench_end_to_end bench_end_to_end_tensor_cores; do
-      echo "$log:" >> "$OUT/summary.txt"
-      sed -n '/^end to end/,$p' "$LOGS/$log.log" >> "$OUT/summary.txt"
-    done
+    echo "bench_end_to_end:" >> "$OUT/summary.txt"
+    sed -n '/^end to end/,$p' "$LOGS/bench_end_to_end.log" >> "$OUT/summary.txt"
     archive_logs
     cat "$OUT/summary.txt"
     ;;

@@ -17,6 +17,8 @@
 
 #include "duquant/ops.h"
 #include "fma_kernels_cpu.h"
+#include "int8_weight_levels.h"
+#include "operator_settings.h"
 #include "test_support.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_layout.h"
@@ -764,6 +766,105 @@ TEST(ActivationReuse, TheSwitchTakesZeroOrOneAndNamesAnythingElse) {
   } catch (const c10::Error& error) {
     EXPECT_NE(std::string(error.what_without_backtrace()).find("DUQUANT_REUSE_ACTIVATIONS=yes"), std::string::npos);
   }
+}
+
+// DUQUANT_CUDA_ROTATION picks the CUDA op's rotation path (operator_settings.h); the value is read
+// here, on any machine, and the CUDA tests run each path against the CPU.
+TEST(OperatorSettings, TheCudaRotationPathIsReadByNameAndAnUnknownOneIsNamed) {
+  {
+    const duquant::testing::ScopedEnvironment unset("DUQUANT_CUDA_ROTATION", "");
+    EXPECT_EQ(ops::cuda_rotation_path(), ops::CudaRotationPath::kCudaCores);
+  }
+  const std::vector<std::pair<const char*, ops::CudaRotationPath>> named = {
+      {"cuda-cores", ops::CudaRotationPath::kCudaCores},
+      {"tensor-cores", ops::CudaRotationPath::kTensorCores},
+      {"cublas", ops::CudaRotationPath::kCublas}};
+  for (const auto& [value, path] : named) {
+    const duquant::testing::ScopedEnvironment setting("DUQUANT_CUDA_ROTATION", value);
+    EXPECT_EQ(ops::cuda_rotation_path(), path) << value;
+  }
+  const duquant::testing::ScopedEnvironment unknown("DUQUANT_CUDA_ROTATION", "cuBLAS");
+  try {
+    ops::cuda_rotation_path();
+    FAIL() << "DUQUANT_CUDA_ROTATION=cuBLAS was accepted";
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    EXPECT_NE(message.find("DUQUANT_CUDA_ROTATION=cuBLAS"), std::string::npos) << message;
+    EXPECT_NE(message.find("cuda-cores or tensor-cores or cublas"), std::string::npos) << message;
+  }
+}
+
+TEST(OperatorSettings, TheCudaGemmPathIsReadByNameAndAnUnknownOneIsNamed) {
+  {
+    const duquant::testing::ScopedEnvironment unset("DUQUANT_CUDA_GEMM", "");
+    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kMmaSync);
+  }
+  {
+    const duquant::testing::ScopedEnvironment mma("DUQUANT_CUDA_GEMM", "mma-sync");
+    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kMmaSync);
+  }
+  {
+    const duquant::testing::ScopedEnvironment lt("DUQUANT_CUDA_GEMM", "cublaslt");
+    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kCublasLt);
+  }
+  const duquant::testing::ScopedEnvironment unknown("DUQUANT_CUDA_GEMM", "cublas");
+  try {
+    ops::cuda_gemm_path();
+    FAIL() << "DUQUANT_CUDA_GEMM=cublas was accepted";
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    EXPECT_NE(message.find("DUQUANT_CUDA_GEMM=cublas"), std::string::npos) << message;
+    EXPECT_NE(message.find("mma-sync or cublaslt"), std::string::npos) << message;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 copies of the packed weights (src/ops/int8_weight_levels.h), which DUQUANT_CUDA_GEMM=cublaslt
+// multiplies on the GPU: the tensor-op unpacking the GPU runs is checked here on the CPU.
+
+TEST(Int8WeightLevels, TensorOpUnpackingGivesEveryPackedLevel) {
+  torch::manual_seed(31);
+  for (const auto& [rows, columns] : {std::pair<int64_t, int64_t>{1, 2}, {7, 96}, {64, 2048}}) {
+    const auto levels = torch::randint(0, layout::kWeightMaxLevel + 1, {rows, columns}, torch::kLong).to(torch::kUInt8);
+    const auto packed = pack_int4(levels);
+    const auto unpacked = ops::unpack_int4_to_int8(packed);
+    EXPECT_EQ(unpacked.scalar_type(), torch::kChar);
+    EXPECT_TRUE(torch::equal(unpacked, levels.to(torch::kChar))) << rows << " x " << columns;
+    EXPECT_TRUE(torch::equal(unpacked, unpack_int4(packed).to(torch::kChar))) << rows << " x " << columns;
+  }
+}
+
+TEST(Int8WeightLevels, TheCacheKeepsOneCopyPerLiveUnchangedWeight) {
+  torch::manual_seed(32);
+  ops::forget_cached_int8_levels();
+  const auto random_packed = [] {
+    return pack_int4(torch::randint(0, layout::kWeightMaxLevel + 1, {16, 64}, torch::kLong).to(torch::kUInt8));
+  };
+  auto packed = random_packed();
+  const auto first = ops::cached_int8_levels(packed);
+  EXPECT_TRUE(first.is_same(ops::cached_int8_levels(packed))) << "a second call unpacks again";
+  EXPECT_EQ(ops::cached_int8_levels_entries(), 1);
+
+  // An in-place change is seen: the copy is made again from the new bytes.
+  packed.bitwise_xor_(0x11);
+  const auto changed = ops::cached_int8_levels(packed);
+  EXPECT_FALSE(changed.is_same(first));
+  EXPECT_TRUE(torch::equal(changed, ops::unpack_int4_to_int8(packed)));
+  EXPECT_FALSE(torch::equal(changed, first));
+  EXPECT_EQ(ops::cached_int8_levels_entries(), 1);
+
+  // A freed weight's entry goes at the next miss.
+  {
+    const auto other = random_packed();
+    ops::cached_int8_levels(other);
+    EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
+  }
+  const auto third = random_packed();
+  ops::cached_int8_levels(third);
+  EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
+  EXPECT_TRUE(changed.is_same(ops::cached_int8_levels(packed)));
+  ops::forget_cached_int8_levels();
+  EXPECT_EQ(ops::cached_int8_levels_entries(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "duquant/ops.h"
+#include "int8_weight_levels.h"
 #include "test_support.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_cuda.h"
@@ -422,35 +423,45 @@ TEST(W4A8LinearCuda, RejectsMisplacedAndUnsupportedArguments) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The pre-kernel's rotations on tensor cores (DUQUANT_CUDA_ROTATION=tensor-cores; fp16 hi/lo
-// operands, w4a8_kernel_layout.h): the same comparisons with the CPU as the CUDA-core path, ties
-// counted the same way, and exact rotations still exact.
+// The two other rotation paths of DUQUANT_CUDA_ROTATION (operator_settings.h): `tensor-cores`
+// (fp16 hi/lo operands inside the pre-kernel, w4a8_kernel_layout.h) and `cublas` (the transform
+// as ATen ops, fp32 cuBLAS GEMMs, before the pre-kernel): the same comparisons with the CPU as the
+// default CUDA-core path, ties counted the same way, and exact rotations still exact.
 
-// Picks the pre-kernel's rotation path for the enclosing scope.
+// Picks the op's rotation path for the enclosing scope.
 class RotationPath : public testing::ScopedEnvironment {
  public:
   explicit RotationPath(const char* path) : ScopedEnvironment("DUQUANT_CUDA_ROTATION", path) {}
 };
 
-TEST(W4A8LinearCudaTensorCoreRotation, Pi0ShapesAtOneAndExpertTokens) {
+struct RotationPathCase {
+  std::string name;
+  const char* value;
+};
+
+void PrintTo(const RotationPathCase& path_case, std::ostream* out) { *out << path_case.name; }
+
+class W4A8LinearCudaRotationPath : public ::testing::TestWithParam<RotationPathCase> {};
+
+TEST_P(W4A8LinearCudaRotationPath, Pi0ShapesAtOneAndExpertTokens) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 1, torch::kBFloat16, 2100 + in + out);
   for (const auto& [in, out] : kPi0Shapes) check_layer({in, out}, 51, torch::kBFloat16, 2200 + in + out);
 }
 
-// K = 16384 stages one rotation at a time on sm_90 (both do not fit beside the rows).
-TEST(W4A8LinearCudaTensorCoreRotation, Pi0ShapesAtPrefixTokens) {
+// K = 16384: on tensor cores sm_90 stages one rotation at a time (both do not fit beside the rows).
+TEST_P(W4A8LinearCudaRotationPath, Pi0ShapesAtPrefixTokens) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   check_layer({2048, 2048}, 816, torch::kBFloat16, 2401);
   check_layer({16384, 2048}, 816, torch::kBFloat16, 2402);
   check_layer({2048, 16384}, 816, torch::kBFloat16, 2403);
 }
 
-TEST(W4A8LinearCudaTensorCoreRotation, PaddedGroupedAndOddShapes) {
+TEST_P(W4A8LinearCudaRotationPath, PaddedGroupedAndOddShapes) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   check_layer({1152, 1152, 128, -1, true}, 51, torch::kBFloat16, 2601);  // 9 blocks: a partly empty m16 tile
   check_layer({1000, 200, 128, -1, true}, 3, torch::kFloat, 2603);       // padded to 1024
   check_layer({2048, 256, 128, 64}, 51, torch::kBFloat16, 2801);
@@ -459,27 +470,28 @@ TEST(W4A8LinearCudaTensorCoreRotation, PaddedGroupedAndOddShapes) {
 }
 
 // b = 16 (the fork's default) runs on tensor cores; b = 2 is no multiple of 16 and keeps the
-// CUDA-core path whatever the variable says.
-TEST(W4A8LinearCudaTensorCoreRotation, SixteenWideBlocksAndFallbackForOtherBlocks) {
+// CUDA-core path there whatever the variable says; cuBLAS takes both.
+TEST_P(W4A8LinearCudaRotationPath, SixteenAndTwoWideBlocksAndAPermutationAlone) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   check_layer({1024, 256, 16}, 51, torch::kBFloat16, 3101);
   check_layer({96, 64, 2}, 5, torch::kFloat, 3102);
   check_layer({1024, 256, 128, -1, false, Transform::PermutationOnly}, 51, torch::kHalf, 3103);
 }
 
-TEST(W4A8LinearCudaTensorCoreRotation, ExactRotationsMatchStrictly) {
+TEST_P(W4A8LinearCudaRotationPath, ExactRotationsMatchStrictly) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   check_layer({1024, 512, 16, -1, true, Transform::ExactRotations}, 51, torch::kFloat, 3201);
   check_layer({2048, 256, 128, 64, false, Transform::ExactRotations}, 7, torch::kBFloat16, 3202);
 }
 
 // A NaN row maximum leaves the row unscaled and the NaN reaches the output; rows far beyond fp16's
-// range either way (|x| up to ~1e31, or ~1e-30) are scaled into it and match the CPU.
-TEST(W4A8LinearCudaTensorCoreRotation, NonFiniteHugeAndTinyRowsLikeTheCpu) {
+// range either way (|x| up to ~1e31, or ~1e-30) are scaled into it on tensor cores and match the
+// CPU on every path.
+TEST_P(W4A8LinearCudaRotationPath, NonFiniteHugeAndTinyRowsLikeTheCpu) {
   SKIP_WITHOUT_CUDA_KERNELS();
-  const RotationPath path("tensor-cores");
+  const RotationPath path(GetParam().value);
   const Layer layer = make_layer({256, 64, 128, -1, false}, 3401);
   auto x = make_input(6, 256, torch::kFloat, 3402, false);
   x.index_put_({1, 5}, std::nan(""));
@@ -498,7 +510,12 @@ TEST(W4A8LinearCudaTensorCoreRotation, NonFiniteHugeAndTinyRowsLikeTheCpu) {
   }
 }
 
-TEST(W4A8LinearCudaTensorCoreRotation, AnUnknownPathIsRejectedByName) {
+INSTANTIATE_TEST_SUITE_P(Paths, W4A8LinearCudaRotationPath,
+                         ::testing::Values(RotationPathCase{"TensorCores", "tensor-cores"},
+                                           RotationPathCase{"Cublas", "cublas"}),
+                         [](const ::testing::TestParamInfo<RotationPathCase>& info) { return info.param.name; });
+
+TEST(W4A8LinearCudaRotationPathSetting, AnUnknownPathIsRejectedByName) {
   SKIP_WITHOUT_CUDA_KERNELS();
   const RotationPath path("fast");
   const Layer layer = make_layer({256, 64}, 3501).to(torch::kCUDA);
@@ -508,6 +525,64 @@ TEST(W4A8LinearCudaTensorCoreRotation, AnUnknownPathIsRejectedByName) {
   } catch (const c10::Error& error) {
     EXPECT_NE(std::string(error.what_without_backtrace()).find("DUQUANT_CUDA_ROTATION=fast"), std::string::npos);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DUQUANT_CUDA_GEMM=cublaslt (operator_settings.h): where torch::_int_mm applies (more than 16
+// tokens, per-channel weights, N a multiple of 8) it multiplies an int8 copy of the levels and
+// hands the epilogue the same exact int32 accumulators, so the output is bitwise the W4A8
+// kernel's; elsewhere the W4A8 kernel runs.
+
+class GemmPath : public testing::ScopedEnvironment {
+ public:
+  explicit GemmPath(const char* path) : ScopedEnvironment("DUQUANT_CUDA_GEMM", path) {}
+};
+
+TEST(W4A8LinearCudaCublasLtGemm, EqualsTheW4A8KernelBitwiseAndRunsWhereIntMmApplies) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  struct Case {
+    LayerSpec spec;
+    int64_t tokens;
+    torch::ScalarType dtype;
+    bool int_mm_applies;
+  };
+  std::vector<Case> cases;
+  for (const auto& [in, out] : kPi0Shapes) {
+    for (const int64_t tokens : {1, 16, 17, 51, 816}) cases.push_back({{in, out}, tokens, torch::kBFloat16, tokens > 16});
+  }
+  cases.push_back({{1024, 256, 128, -1, true}, 51, torch::kFloat, true});     // bias, fp32 output
+  cases.push_back({{1000, 200, 128, -1, false}, 33, torch::kHalf, true});     // padded K
+  cases.push_back({{2048, 256, 128, 128, false}, 51, torch::kBFloat16, false});  // grouped weights
+  cases.push_back({{1024, 100, 128, -1, false}, 51, torch::kBFloat16, false});   // N = 100, not a multiple of 8
+  uint64_t seed = 4000;
+  for (const auto& c : cases) {
+    const std::string what = "in " + std::to_string(c.spec.in_features) + " out " + std::to_string(c.spec.out_features) +
+                             " M " + std::to_string(c.tokens) + " group " + std::to_string(c.spec.group_size);
+    const Layer layer = make_layer(c.spec, ++seed).to(torch::kCUDA);
+    const auto x = make_input(c.tokens, c.spec.in_features, c.dtype, ++seed, false).to(torch::kCUDA);
+    const auto activations =
+        cuda::fused_quantize_activations(x, layer.smooth_inv, layer.rotation1, layer.permutation, layer.rotation2,
+                                         layer.padded_in_features, layer.group_size, kActBits, kActClip);
+    const auto gemm = [&] {
+      return cuda::w4a8_gemm(activations, layer.packed_weight, layer.weight_scale, layer.weight_zero, layer.bias,
+                             layer.group_size, c.dtype)
+          .cpu();
+    };
+    const auto kernel = gemm();
+    forget_cached_int8_levels();
+    torch::Tensor through_int_mm;
+    {
+      const GemmPath path("cublaslt");
+      through_int_mm = gemm();
+    }
+    EXPECT_EQ(cached_int8_levels_entries(), c.int_mm_applies ? 1 : 0) << what << ": which GEMM ran";
+    EXPECT_TRUE(torch::equal(through_int_mm, kernel)) << what << ": max diff "
+                                                      << (through_int_mm.to(torch::kDouble) - kernel.to(torch::kDouble))
+                                                             .abs()
+                                                             .max()
+                                                             .item<double>();
+  }
+  forget_cached_int8_levels();
 }
 
 // The capture contract at the top of w4a8_linear_cuda.cu: after one eager (warm-up) call, the op
@@ -520,7 +595,8 @@ struct CaptureCase {
   int64_t tokens;
   torch::ScalarType dtype;
   int64_t act_bits = kActBits;
-  bool tensor_core_rotation = false;
+  const char* rotation_path = nullptr;  // DUQUANT_CUDA_ROTATION, or the default
+  const char* gemm_path = nullptr;      // DUQUANT_CUDA_GEMM, or the default
 };
 
 // ctest lists parameterised cases with their printed parameter: the case name, not its bytes.
@@ -529,17 +605,25 @@ void PrintTo(const CaptureCase& capture_case, std::ostream* out) { *out << captu
 class W4A8LinearCudaGraph : public ::testing::TestWithParam<CaptureCase> {};
 
 // The integer kernels are deterministic: bit for bit. The float path (act_bits 0) runs cuBLAS,
-// whose algorithm choice may differ between the capture stream and the default stream.
-bool same_result(const torch::Tensor& actual, const torch::Tensor& expected, int64_t act_bits) {
-  if (act_bits > 0) return torch::equal(actual.cpu(), expected.cpu());
-  return torch::allclose(actual.cpu(), expected.cpu(), /*rtol=*/1e-5, /*atol=*/1e-6);
+// whose algorithm choice may differ between the capture stream and the default stream; so do the
+// rotations of the cublas path, and a value moved by an ulp may round to the next int8 level,
+// which moves its outputs by about a thousandth of their scale.
+bool same_result(const torch::Tensor& actual, const torch::Tensor& expected, const CaptureCase& capture_case) {
+  const auto got = actual.cpu(), want = expected.cpu();
+  const bool through_cublas = capture_case.rotation_path != nullptr && std::string(capture_case.rotation_path) == "cublas";
+  if (capture_case.act_bits <= 0) return torch::allclose(got, want, /*rtol=*/1e-5, /*atol=*/1e-6);
+  if (!through_cublas) return torch::equal(got, want);
+  const double scale = want.abs().max().item<double>();
+  return (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>() <= 1e-2 * scale;
 }
 
 TEST_P(W4A8LinearCudaGraph, ReplayEqualsEagerAndFollowsNewInputs) {
   SKIP_WITHOUT_CUDA_KERNELS();
   const auto& param = GetParam();
   std::optional<RotationPath> path;
-  if (param.tensor_core_rotation) path.emplace("tensor-cores");
+  if (param.rotation_path != nullptr) path.emplace(param.rotation_path);
+  std::optional<GemmPath> gemm_path;
+  if (param.gemm_path != nullptr) gemm_path.emplace(param.gemm_path);
   const Layer layer = make_layer(param.spec, 1701).to(torch::kCUDA);
   auto x = make_input(param.tokens, param.spec.in_features, param.dtype, 1702, false).to(torch::kCUDA);
   const auto eager = run_op(x, layer, param.act_bits);
@@ -556,15 +640,15 @@ TEST_P(W4A8LinearCudaGraph, ReplayEqualsEagerAndFollowsNewInputs) {
   }
   graph.replay();
   torch::cuda::synchronize();
-  EXPECT_TRUE(same_result(captured, eager, param.act_bits)) << param.name << ": replay differs from the eager call";
+  EXPECT_TRUE(same_result(captured, eager, param)) << param.name << ": replay differs from the eager call";
 
   const auto next = make_input(param.tokens, param.spec.in_features, param.dtype, 1703, false).to(torch::kCUDA);
   x.copy_(next);
   graph.replay();
   torch::cuda::synchronize();
   const auto next_eager = run_op(next, layer, param.act_bits);
-  EXPECT_TRUE(same_result(captured, next_eager, param.act_bits)) << param.name << ": replay on new inputs";
-  EXPECT_FALSE(same_result(next_eager, eager, param.act_bits)) << param.name << ": the two inputs must differ in output";
+  EXPECT_TRUE(same_result(captured, next_eager, param)) << param.name << ": replay on new inputs";
+  EXPECT_FALSE(same_result(next_eager, eager, param)) << param.name << ": the two inputs must differ in output";
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -576,9 +660,17 @@ INSTANTIATE_TEST_SUITE_P(
                       CaptureCase{"PrefixTokensWithPaddingHalf", {1000, 512}, 816, torch::kHalf},
                       CaptureCase{"UnquantizedActivationsFloatPath", {1024, 256}, 7, torch::kFloat, 0},
                       CaptureCase{"ExpertQProjAt51TokensTensorCoreRotation", {1024, 2048}, 51, torch::kBFloat16,
-                                  kActBits, true},
+                                  kActBits, "tensor-cores"},
                       CaptureCase{"LlmDownProjAtOneTokenTensorCoreRotation", {16384, 2048}, 1, torch::kBFloat16,
-                                  kActBits, true}),
+                                  kActBits, "tensor-cores"},
+                      CaptureCase{"ExpertQProjAt51TokensCublasRotation", {1024, 2048}, 51, torch::kBFloat16,
+                                  kActBits, "cublas"},
+                      CaptureCase{"LlmDownProjAtPrefixTokensCublasRotation", {16384, 2048}, 816, torch::kBFloat16,
+                                  kActBits, "cublas"},
+                      CaptureCase{"ExpertQProjAt51TokensCublasLtGemm", {1024, 2048}, 51, torch::kBFloat16, kActBits,
+                                  nullptr, "cublaslt"},
+                      CaptureCase{"LlmUpProjAtPrefixTokensBothCublasPaths", {2048, 16384}, 816, torch::kBFloat16,
+                                  kActBits, "cublas", "cublaslt"}),
     [](const ::testing::TestParamInfo<CaptureCase>& info) { return info.param.name; });
 
 // GPTQ's batch sweep (src/ops/gptq_sweep.h): the CUDA kernel rounds every column as the CPU

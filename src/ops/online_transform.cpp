@@ -25,11 +25,15 @@ torch::Tensor apply_online_transform(const torch::Tensor& x, const torch::Tensor
   TORCH_CHECK(padded_in_features >= in_features, "duquant: padded in_features ", padded_in_features,
               " < in_features ", in_features);
   // float64 input stays float64 (transform tests check invariants to high precision).
-  auto out = x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat);
+  const auto dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  torch::Tensor out;
   if (smooth_inv.numel() > 0) {
     TORCH_CHECK(smooth_inv.numel() == in_features, "duquant: smooth_inv has ", smooth_inv.numel(),
                 " entries for ", in_features, " input features");
-    out = out * smooth_inv.to(out.dtype());
+    // One pass: x is promoted to `dtype` (exactly) inside the product.
+    out = x * smooth_inv.to(dtype);
+  } else {
+    out = x.to(dtype);
   }
   if (padded_in_features > in_features) {
     out = torch::constant_pad_nd(out, {0, padded_in_features - in_features});

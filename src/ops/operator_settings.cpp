@@ -21,4 +21,18 @@ std::string operator_setting(const char* name, std::initializer_list<const char*
   return value;
 }
 
+CudaRotationPath cuda_rotation_path() {
+  const std::string path = operator_setting("DUQUANT_CUDA_ROTATION", {"cuda-cores", "tensor-cores", "cublas"},
+                                            "cuda-cores");
+  if (path == "tensor-cores") return CudaRotationPath::kTensorCores;
+  if (path == "cublas") return CudaRotationPath::kCublas;
+  return CudaRotationPath::kCudaCores;
+}
+
+CudaGemmPath cuda_gemm_path() {
+  return operator_setting("DUQUANT_CUDA_GEMM", {"mma-sync", "cublaslt"}, "mma-sync") == "cublaslt"
+             ? CudaGemmPath::kCublasLt
+             : CudaGemmPath::kMmaSync;
+}
+
 }  // namespace duquant::ops

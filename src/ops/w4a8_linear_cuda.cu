@@ -21,6 +21,9 @@
 //            [K/b, b] x [b, b] product on tensor cores instead (mma.sync m16n8k16 f16, fp32
 //            accumulation), each operand split into two fp16 numbers so that the result keeps
 //            ~22 bits (w4a8_kernel_layout.h, "Pre-kernel block rotation on tensor cores").
+//            With DUQUANT_CUDA_ROTATION=cublas, steps 1-5 run before the pre-kernel as ATen ops
+//            (apply_online_transform: each rotation one fp32 cuBLAS GEMM over all T * K/b block
+//            rows), and the pre-kernel gets the transformed rows with no transform of its own.
 //            Quantization: lane l of a warp handles 4 consecutive k (one char4 store); the 8 lanes of
 //            one k32 step add their row sums by shuffles, and one of them adds the step's sum to its
 //            weight group's shared counter (a k32 step never straddles a group).
@@ -60,6 +63,10 @@
 //            weights, the raw int32 accumulators (split_k_reduce_kernel adds them exactly, then
 //            applies scale and zero point once: the same result as without splitting), for grouped
 //            weights the fp32 r of each split (added in split order). Both are deterministic.
+//            With DUQUANT_CUDA_GEMM=cublaslt, per-channel weights and more than 16 tokens, this
+//            kernel does not run: torch::_int_mm (cuBLASLt) multiplies the activations by an int8
+//            copy of the levels (int8_weight_levels.h) and split_k_reduce_kernel finishes its
+//            exact int32 accumulators as one split.
 //
 // act_bits <= 0 (no activation quantization) has no integer kernel: the transform runs as torch
 // ops (apply_online_transform), the weight is dequantized on the GPU and y = x W^T in fp32, which
@@ -98,6 +105,7 @@
 
 #include "activation_reuse.h"
 #include "duquant/ops.h"
+#include "int8_weight_levels.h"
 #include "operator_settings.h"
 #include "w4a8_cpu_reference.h"
 #include "w4a8_cuda.h"
@@ -807,12 +815,6 @@ void check_on_device(const torch::Tensor& tensor, const char* name, const c10::D
               " but x is on ", device, "; move the module with .to(device)");
 }
 
-// DUQUANT_CUDA_ROTATION (operator_settings.h) picks the pre-kernel's rotation path at every call:
-// `cuda-cores` (the default; fp32 FMAs) or `tensor-cores` (fp16 hi/lo MMAs, w4a8_kernel_layout.h).
-bool rotations_on_tensor_cores_requested() {
-  return operator_setting("DUQUANT_CUDA_ROTATION", {"cuda-cores", "tensor-cores"}, "cuda-cores") == "tensor-cores";
-}
-
 int64_t effective_group_size(int64_t padded_k, int64_t group_size) { return group_size > 0 ? group_size : padded_k; }
 
 void check_kernel_group_size(int64_t padded_k, int64_t group_size) {
@@ -821,6 +823,10 @@ void check_kernel_group_size(int64_t padded_k, int64_t group_size) {
   TORCH_CHECK(group_size % kMmaK == 0, "duquant::w4a8_linear (CUDA): group_size ", group_size,
               " must be a multiple of ", kMmaK, " (one tensor-core k step never straddles a weight group)");
 }
+
+// torch::_int_mm (cuBLASLt) takes more than 16 rows and column counts that are multiples of 8.
+constexpr int64_t kIntMmMinTokens = 16;
+constexpr int64_t kIntMmMultiple = 8;
 
 // Rotation blocks are at most this wide on the GPU: the kernels index a block's b * b entries
 // with 32-bit integers (DuQuant's blocks are 16 to 128).
@@ -877,6 +883,19 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   }
 
   const int64_t tokens = in_features > 0 ? x.numel() / in_features : 0;
+  // DUQUANT_CUDA_ROTATION (operator_settings.h), read at every call. With `cublas`, steps 1-5 run
+  // as ATen ops on this stream and the pre-kernel below quantizes their result, which has no
+  // transform left (so the nested call takes none of these branches).
+  const CudaRotationPath rotation_path = cuda_rotation_path();
+  const bool any_transform =
+      smooth_inv.numel() > 0 || rotation1.numel() > 0 || permutation.numel() > 0 || rotation2.numel() > 0;
+  if (rotation_path == CudaRotationPath::kCublas && any_transform && tokens > 0) {
+    const auto transformed = apply_online_transform(x.reshape({tokens, in_features}), smooth_inv, rotation1,
+                                                    permutation, rotation2, padded_k);
+    const auto none = torch::empty({0}, x.options().dtype(torch::kFloat));
+    return fused_quantize_activations_cuda(transformed, none, none, none, none, padded_k, group_size, act_bits,
+                                           act_clip);
+  }
   QuantizedActivations result;
   result.values = torch::empty({tokens, padded_k}, x.options().dtype(torch::kInt8));
   result.scale = torch::empty({tokens}, x.options().dtype(torch::kFloat));
@@ -909,7 +928,7 @@ QuantizedActivations fused_quantize_activations_cuda(const torch::Tensor& x, con
   // rotation can be staged; they stage both rotations when both fit beside the rows (K = 2048
   // with two 128 x 128 rotations: 144 KB), else one at a time (K = 16384 on sm_90: 192 KB). The
   // CUDA-core path stages both when they fit, else reads them through L1.
-  bool tensor_cores = rotations_on_tensor_cores_requested() && (block1 > 0 || block2 > 0) &&
+  bool tensor_cores = rotation_path == CudaRotationPath::kTensorCores && (block1 > 0 || block2 > 0) &&
                       (block1 == 0 || rotation_fits_tensor_cores(block1)) &&
                       (block2 == 0 || rotation_fits_tensor_cores(block2));
   RotationStaging staging = block1 > 0 || block2 > 0 ? RotationStaging::kBoth : RotationStaging::kNone;
@@ -1087,24 +1106,38 @@ torch::Tensor w4a8_gemm_cuda(const torch::Tensor& values, const torch::Tensor& s
   params.k_steps = k_steps;
   params.plan = plan_split_k(output_tiles, k_steps, num_sms);
 
-  torch::Tensor workspace;
-  if (params.plan.splits > 1) {
-    workspace = torch::empty({params.plan.splits, tokens, out_features}, values.options().dtype(torch::kFloat));
-    params.partial = workspace.data_ptr<float>();
-  }
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (groups > 1) {
-    launch_gemm_for_tile<true>(tile_m, params, stream);
-  } else {
-    launch_gemm_for_tile<false>(tile_m, params, stream);
-  }
-  if (params.plan.splits > 1) {
+  const auto reduce_splits = [&] {
     constexpr int kReduceThreads = 256;
     const int64_t elements = tokens * out_features;
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(elements, kReduceThreads), 8LL * num_sms));
     split_k_reduce_kernel<<<blocks, kReduceThreads, 0, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  // DUQUANT_CUDA_GEMM=cublaslt (operator_settings.h), where torch::_int_mm applies: cuBLASLt's
+  // int32 accumulators of the int8 levels, exact as the W4A8 kernel's, finished by the split-K
+  // reduction as one split, which applies the same epilogue: the output is bitwise the same.
+  if (cuda_gemm_path() == CudaGemmPath::kCublasLt && groups == 1 && tokens > kIntMmMinTokens &&
+      out_features % kIntMmMultiple == 0) {
+    const auto accumulators = at::_int_mm(activations, cached_int8_levels(weight).t());
+    params.plan = SplitKPlan{1, k_steps};
+    params.partial = reinterpret_cast<float*>(accumulators.data_ptr<int32_t>());
+    reduce_splits();
+    return output;
   }
+
+  torch::Tensor workspace;
+  if (params.plan.splits > 1) {
+    workspace = torch::empty({params.plan.splits, tokens, out_features}, values.options().dtype(torch::kFloat));
+    params.partial = workspace.data_ptr<float>();
+  }
+  if (groups > 1) {
+    launch_gemm_for_tile<true>(tile_m, params, stream);
+  } else {
+    launch_gemm_for_tile<false>(tile_m, params, stream);
+  }
+  if (params.plan.splits > 1) reduce_splits();
   return output;
 }
 
@@ -1118,13 +1151,7 @@ torch::Tensor float_weight_linear_cuda(const torch::Tensor& x_rows, const torch:
   const auto transformed =
       apply_online_transform(x_rows, smooth_inv, rotation1, permutation, rotation2, padded_k).to(torch::kFloat);
   const int64_t out_features = packed_weight.size(0);
-  const auto packed = packed_weight.contiguous();
-  // Byte k/2 holds k even in its low nibble (w4a8_layout.h): interleave low and high nibbles.
-  const auto levels = torch::stack({torch::bitwise_and(packed, kWeightMaxLevel),
-                                    torch::bitwise_right_shift(packed, kWeightBits)},
-                                   /*dim=*/2)
-                          .view({out_features, -1, group_length})
-                          .to(torch::kFloat);
+  const auto levels = unpack_int4_to_int8(packed_weight).view({out_features, -1, group_length}).to(torch::kFloat);
   const auto dequantized =
       ((levels - weight_zero.unsqueeze(2)) * weight_scale.unsqueeze(2)).view({out_features, padded_k});
   return torch::matmul(transformed, dequantized.t());
