@@ -768,54 +768,47 @@ TEST(ActivationReuse, TheSwitchTakesZeroOrOneAndNamesAnythingElse) {
   }
 }
 
-// DUQUANT_CUDA_ROTATION picks the CUDA op's rotation path (operator_settings.h); the value is read
-// here, on any machine, and the CUDA tests run each path against the CPU.
-TEST(OperatorSettings, TheCudaRotationPathIsReadByNameAndAnUnknownOneIsNamed) {
+// The CUDA op's two path settings (operator_settings.h) are read here, on any machine; the CUDA
+// tests run each path against the CPU. `read` maps the variable to its enum: unset means the
+// default, every value names its path, anything else is an error naming the variable, the value
+// and the choices.
+template <typename Path>
+void expect_setting(const char* variable, const std::function<Path()>& read, Path fallback,
+                    const std::vector<std::pair<const char*, Path>>& named, const char* choices) {
   {
-    const duquant::testing::ScopedEnvironment unset("DUQUANT_CUDA_ROTATION", "");
-    EXPECT_EQ(ops::cuda_rotation_path(), ops::CudaRotationPath::kCudaCores);
+    const duquant::testing::ScopedEnvironment unset(variable, "");
+    EXPECT_EQ(read(), fallback) << variable << " unset";
   }
-  const std::vector<std::pair<const char*, ops::CudaRotationPath>> named = {
-      {"cuda-cores", ops::CudaRotationPath::kCudaCores},
-      {"tensor-cores", ops::CudaRotationPath::kTensorCores},
-      {"cublas", ops::CudaRotationPath::kCublas}};
   for (const auto& [value, path] : named) {
-    const duquant::testing::ScopedEnvironment setting("DUQUANT_CUDA_ROTATION", value);
-    EXPECT_EQ(ops::cuda_rotation_path(), path) << value;
+    const duquant::testing::ScopedEnvironment setting(variable, value);
+    EXPECT_EQ(read(), path) << variable << "=" << value;
   }
-  const duquant::testing::ScopedEnvironment unknown("DUQUANT_CUDA_ROTATION", "cuBLAS");
+  const duquant::testing::ScopedEnvironment unknown(variable, "CUBLAS");
+  const std::string assignment = std::string(variable) + "=CUBLAS";
   try {
-    ops::cuda_rotation_path();
-    FAIL() << "DUQUANT_CUDA_ROTATION=cuBLAS was accepted";
+    read();
+    ADD_FAILURE() << assignment << " was accepted";
   } catch (const c10::Error& error) {
     const std::string message = error.what_without_backtrace();
-    EXPECT_NE(message.find("DUQUANT_CUDA_ROTATION=cuBLAS"), std::string::npos) << message;
-    EXPECT_NE(message.find("cuda-cores or tensor-cores or cublas"), std::string::npos) << message;
+    EXPECT_NE(message.find(assignment), std::string::npos) << message;
+    EXPECT_NE(message.find(choices), std::string::npos) << message;
   }
 }
 
+TEST(OperatorSettings, TheCudaRotationPathIsReadByNameAndAnUnknownOneIsNamed) {
+  using ops::CudaRotationPath;
+  expect_setting<CudaRotationPath>("DUQUANT_CUDA_ROTATION", ops::cuda_rotation_path, CudaRotationPath::kCudaCores,
+                                   {{"cuda-cores", CudaRotationPath::kCudaCores},
+                                    {"tensor-cores", CudaRotationPath::kTensorCores},
+                                    {"cublas", CudaRotationPath::kCublas}},
+                                   "cuda-cores or tensor-cores or cublas");
+}
+
 TEST(OperatorSettings, TheCudaGemmPathIsReadByNameAndAnUnknownOneIsNamed) {
-  {
-    const duquant::testing::ScopedEnvironment unset("DUQUANT_CUDA_GEMM", "");
-    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kMmaSync);
-  }
-  {
-    const duquant::testing::ScopedEnvironment mma("DUQUANT_CUDA_GEMM", "mma-sync");
-    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kMmaSync);
-  }
-  {
-    const duquant::testing::ScopedEnvironment lt("DUQUANT_CUDA_GEMM", "cublaslt");
-    EXPECT_EQ(ops::cuda_gemm_path(), ops::CudaGemmPath::kCublasLt);
-  }
-  const duquant::testing::ScopedEnvironment unknown("DUQUANT_CUDA_GEMM", "cublas");
-  try {
-    ops::cuda_gemm_path();
-    FAIL() << "DUQUANT_CUDA_GEMM=cublas was accepted";
-  } catch (const c10::Error& error) {
-    const std::string message = error.what_without_backtrace();
-    EXPECT_NE(message.find("DUQUANT_CUDA_GEMM=cublas"), std::string::npos) << message;
-    EXPECT_NE(message.find("mma-sync or cublaslt"), std::string::npos) << message;
-  }
+  using ops::CudaGemmPath;
+  expect_setting<CudaGemmPath>("DUQUANT_CUDA_GEMM", ops::cuda_gemm_path, CudaGemmPath::kMmaSync,
+                               {{"mma-sync", CudaGemmPath::kMmaSync}, {"cublaslt", CudaGemmPath::kCublasLt}},
+                               "mma-sync or cublaslt");
 }
 
 // ---------------------------------------------------------------------------------------------
