@@ -40,6 +40,7 @@
 #include "duquant/errors.h"
 #include "duquant/model_io.h"
 #include "duquant/ops.h"
+#include "int8_weight_levels.h"
 #include "w4a8_cuda.h"
 #include "w4a8_layout.h"
 
@@ -261,6 +262,10 @@ std::vector<EndToEnd> measure_model(const std::string& label, const std::string&
                                     int iterations) {
   const torch::Device device(torch::kCUDA, c10::cuda::current_device());
   torch::NoGradGuard no_grad;
+  // What the previous model left in the operator library goes with it: its last activations kept
+  // for reuse, and the int8 copies of its weights (DUQUANT_CUDA_GEMM=cublaslt).
+  duquant::ops::forget_reusable_activations();
+  duquant::ops::forget_freed_int8_levels();
   c10::cuda::CUDACachingAllocator::emptyCache();
   const int64_t before = device_stats().allocated_bytes[kAggregate].current;
   auto module = duquant::load_model(path);

@@ -8,9 +8,9 @@
 #       on the GPU machine, with .gpu_deps/ next to the sources and the machine's own python3 torch
 #       and nvcc: builds for the machine's GPU only while generating the tiny and the full-size pi0
 #       there (the models are too large to send), runs the CUDA tests (kernels against the CPU
-#       reference, CUDA-graph capture), the per-layer operator benchmark, the tiny pi0 through
-#       `duquant run` on CPU, CUDA and CUDA graph, quantizes the full-size pi0 (bf16) to W4A8 on the
-#       GPU, then the end-to-end benchmark (bf16 vs W4A8, eager and under CUDA graphs). The
+#       reference, CUDA-graph capture), the tiny pi0 through `duquant run` on CPU, CUDA and CUDA
+#       graph, quantizes the full-size pi0 (bf16) to W4A8 on the GPU, then the end-to-end benchmark
+#       (bf16 vs W4A8, eager and under CUDA graphs) and last the per-layer operator benchmark. The
 #       operator benchmark and the end-to-end one time the W4A8 op again on its other paths
 #       (DUQUANT_CUDA_ROTATION=tensor-cores: the rotations inside the pre-kernel on tensor cores;
 #       =cublas: the transform as fp32 cuBLAS GEMMs before it; DUQUANT_CUDA_GEMM=cublaslt: the
@@ -130,9 +130,6 @@ case "${1:-}" in
 
     step test_ops_layout_cuda 60 "$BUILD/tests/test_ops_layout_cuda"
     step test_ops_cuda 240 "$BUILD/tests/test_ops_cuda"
-    # The kernels' speed, per layer shape (no model needed), on each rotation path.
-    step bench_ops 240 "$BUILD/duquant_bench" --iterations 100 --warmup 10 "${PATH_VARIANTS[@]}" \
-      --json "$OUT/bench_ops.json"
 
     wait "$tiny_generation"
     step test_cuda_graph 150 "$BUILD/tests/test_cuda_graph"
@@ -170,6 +167,9 @@ PY
     step bench_end_to_end 420 "$BUILD/duquant_bench" --no-ops --model "$WORK/pi0_full_script.pt" \
       --quantized "$WORK/pi0_full_w4a8.pt" --inputs "$WORK/pi0_full.inputs.pt" --model-iterations 20 \
       --w4a8-variant DUQUANT_REUSE_ACTIVATIONS=0 "${PATH_VARIANTS[@]}" --json "$OUT/bench_end_to_end.json"
+    # The kernels' speed per layer shape on every path, last: the end-to-end figure comes first.
+    step bench_ops 240 "$BUILD/duquant_bench" --iterations 50 --warmup 5 "${PATH_VARIANTS[@]}" \
+      --json "$OUT/bench_ops.json"
 
     for log in test_ops_layout_cuda test_ops_cuda test_cuda_graph test_quantize_on_cuda; do
       grep -E "^\[  (PASSED  |SKIPPED )\] [0-9]+ test|^\[  FAILED  \] .*\)$" "$LOGS/$log.log" | sed "s/^/$log: /" \

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "activation_reuse.h"
 #include "duquant/ops.h"
 #include "fma_kernels_cpu.h"
 #include "int8_weight_levels.h"
@@ -756,6 +757,28 @@ TEST(ActivationReuse, InferenceTensorsAreAlwaysComputed) {
   EXPECT_EQ(run.reused, 0);
 }
 
+// The CUDA op passes its rotation path (the paths differ by rounding ties): a call on another
+// path computes its own activations.
+TEST(ActivationReuse, AnotherPathComputesItsOwnActivations) {
+  torch::manual_seed(26);
+  const auto x = outlier_activations({3, 128});
+  int computed = 0;
+  const auto quantize = [&] {
+    ++computed;
+    return cpu_reference::quantize_activations(x, 8, 1.0, -1);
+  };
+  const auto none = torch::empty({0});
+  ops::ActivationRequest request{x, none, none, none, none, 128, 128, 8, 1.0};
+  ops::forget_reusable_activations();
+  ops::reuse_or_quantize(request, quantize);
+  ops::reuse_or_quantize(request, quantize);
+  EXPECT_EQ(computed, 1);
+  request.path = 2;
+  ops::reuse_or_quantize(request, quantize);
+  EXPECT_EQ(computed, 2);
+  ops::forget_reusable_activations();
+}
+
 TEST(ActivationReuse, TheSwitchTakesZeroOrOneAndNamesAnythingElse) {
   torch::manual_seed(25);
   const Layer layer = make_layer({100, 24});
@@ -834,27 +857,39 @@ TEST(Int8WeightLevels, TheCacheKeepsOneCopyPerLiveUnchangedWeight) {
     return pack_int4(torch::randint(0, layout::kWeightMaxLevel + 1, {16, 64}, torch::kLong).to(torch::kUInt8));
   };
   auto packed = random_packed();
-  const auto first = ops::cached_int8_levels(packed);
-  EXPECT_TRUE(first.is_same(ops::cached_int8_levels(packed))) << "a second call unpacks again";
+  EXPECT_FALSE(ops::find_cached_int8_levels(packed).defined());
+  int unpacked = 0;
+  const auto count_unpacking = [&] { ++unpacked; };
+  const auto first = ops::cached_int8_levels(packed, count_unpacking);
+  EXPECT_TRUE(first.is_same(ops::cached_int8_levels(packed, count_unpacking))) << "a second call unpacks again";
+  EXPECT_TRUE(first.is_same(ops::find_cached_int8_levels(packed)));
+  EXPECT_EQ(unpacked, 1);
   EXPECT_EQ(ops::cached_int8_levels_entries(), 1);
 
   // An in-place change is seen: the copy is made again from the new bytes.
   packed.bitwise_xor_(0x11);
+  EXPECT_FALSE(ops::find_cached_int8_levels(packed).defined()) << "a changed weight's old copy is still current";
   const auto changed = ops::cached_int8_levels(packed);
   EXPECT_FALSE(changed.is_same(first));
   EXPECT_TRUE(torch::equal(changed, ops::unpack_int4_to_int8(packed)));
   EXPECT_FALSE(torch::equal(changed, first));
   EXPECT_EQ(ops::cached_int8_levels_entries(), 1);
 
-  // A freed weight's entry goes at the next miss.
-  {
-    const auto other = random_packed();
-    ops::cached_int8_levels(other);
-    EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
+  // A freed weight's entry goes at the next miss, or when the freed ones are dropped.
+  for (const bool by_a_miss : {true, false}) {
+    {
+      const auto other = random_packed();
+      ops::cached_int8_levels(other);
+      EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
+    }
+    if (by_a_miss) {
+      const auto third = random_packed();
+      ops::cached_int8_levels(third);
+      EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
+    }
+    ops::forget_freed_int8_levels();
+    EXPECT_EQ(ops::cached_int8_levels_entries(), 1);
   }
-  const auto third = random_packed();
-  ops::cached_int8_levels(third);
-  EXPECT_EQ(ops::cached_int8_levels_entries(), 2);
   EXPECT_TRUE(changed.is_same(ops::cached_int8_levels(packed)));
   ops::forget_cached_int8_levels();
   EXPECT_EQ(ops::cached_int8_levels_entries(), 0);

@@ -568,7 +568,11 @@ TEST(W4A8LinearCudaCublasLtGemm, EqualsTheW4A8KernelBitwiseAndRunsWhereIntMmAppl
                              layer.group_size, c.dtype)
           .cpu();
     };
-    const auto kernel = gemm();
+    torch::Tensor kernel;
+    {
+      const GemmPath path("mma-sync");
+      kernel = gemm();
+    }
     forget_cached_int8_levels();
     torch::Tensor through_int_mm;
     {
@@ -582,6 +586,35 @@ TEST(W4A8LinearCudaCublasLtGemm, EqualsTheW4A8KernelBitwiseAndRunsWhereIntMmAppl
                                                              .max()
                                                              .item<double>();
   }
+  forget_cached_int8_levels();
+}
+
+// A first cuBLASLt call inside a capture makes its int8 copy inside the graph (its kernels only
+// run at replay) and caches nothing; the replay is right, and the next eager call caches a copy.
+TEST(W4A8LinearCudaCublasLtGemm, AFirstCallInsideACaptureCachesNothing) {
+  SKIP_WITHOUT_CUDA_KERNELS();
+  const GemmPath path("cublaslt");
+  // cuBLASLt and the kernels' attributes set up outside the capture, on another layer.
+  run_op(make_input(51, 1024, torch::kBFloat16, 4501, false).to(torch::kCUDA),
+         make_layer({1024, 256}, 4502).to(torch::kCUDA));
+  torch::cuda::synchronize();
+  forget_cached_int8_levels();
+  const Layer layer = make_layer({1024, 2048}, 4503).to(torch::kCUDA);
+  const auto x = make_input(51, 1024, torch::kBFloat16, 4504, false).to(torch::kCUDA);
+  at::cuda::CUDAGraph graph;
+  torch::Tensor captured;
+  {
+    const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool());
+    graph.capture_begin();
+    captured = run_op(x, layer);
+    graph.capture_end();
+  }
+  EXPECT_FALSE(find_cached_int8_levels(layer.packed_weight).defined());
+  graph.replay();
+  torch::cuda::synchronize();
+  const auto eager = run_op(x, layer);
+  EXPECT_TRUE(find_cached_int8_levels(layer.packed_weight).defined());
+  EXPECT_TRUE(torch::equal(captured.cpu(), eager.cpu()));
   forget_cached_int8_levels();
 }
 

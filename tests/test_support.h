@@ -73,8 +73,7 @@ inline bool file_exists(const std::string& path) {
 }
 
 // Sets an environment variable for the enclosing scope and then restores what was there (the
-// operator library reads its settings, DUQUANT_CUDA_ROTATION and DUQUANT_REUSE_ACTIVATIONS, at
-// every call).
+// operator library reads its DUQUANT_* settings at every call: src/ops/operator_settings.h).
 class ScopedEnvironment {
  public:
   ScopedEnvironment(const char* name, const char* value) : name_(name) {

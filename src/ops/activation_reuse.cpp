@@ -52,7 +52,7 @@ bool matches(const ActivationRequest& request, const ReusableEntry& entry) {
   if (!request.x.is_same(remembered.x) || request.x._version() != entry.x_version) return false;
   if (request.padded_in_features != remembered.padded_in_features || request.group_size != remembered.group_size ||
       request.act_bits != remembered.act_bits || request.act_clip != remembered.act_clip ||
-      request.stream != remembered.stream || request.capture != remembered.capture) {
+      request.stream != remembered.stream || request.capture != remembered.capture || request.path != remembered.path) {
     return false;
   }
   const auto steps = transform_steps(request), remembered_steps = transform_steps(remembered);

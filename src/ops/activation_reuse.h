@@ -14,10 +14,11 @@
 //    version counter -- and not an inference tensor (those keep no version counter: never reused);
 //  * each transform tensor is the same tensor at the same version, or both are empty (step
 //    skipped);
-//  * padded K, group size, activation bits and clip are equal, and so are the stream and the
-//    capture: the CUDA kernel passes the current stream and the id of the graph capture in
-//    progress on it (0: none), so that a captured call never reads activations computed outside
-//    its capture, nor one capture those of another. (The device is x's, so x decides it.)
+//  * padded K, group size, activation bits, clip and the path that computes them are equal (the
+//    CUDA rotation paths differ by rounding ties), and so are the stream and the capture: the
+//    CUDA kernel passes the current stream and the id of the graph capture in progress on it (0:
+//    none), so that a captured call never reads activations computed outside its capture, nor one
+//    capture those of another. (The device is x's, so x decides it.)
 // The entry holds references to x and to the transform tensors, so that none of them can be freed
 // and its address reused while the entry exists. DUQUANT_REUSE_ACTIVATIONS=0 turns reuse off
 // (operator_settings.h).
@@ -44,6 +45,7 @@ struct ActivationRequest {
   double act_clip = 0.0;
   int64_t stream = 0;    // CUDA: the current stream's id
   uint64_t capture = 0;  // CUDA: the id of the capture in progress on it, 0 when none
+  int path = 0;          // CUDA: how the activations are computed (DUQUANT_CUDA_ROTATION's path)
 };
 
 // The activations of the previous call on this thread when `request` matches it, else

@@ -31,6 +31,21 @@ LevelsCache& levels_cache() {
 
 uint32_t version_of(const torch::Tensor& tensor) { return tensor.is_inference() ? 0 : tensor._version(); }
 
+// The current entry for `packed`, or null. The cache's lock is held.
+const CachedLevels* current_entry(const LevelsCache& cache, const torch::Tensor& packed) {
+  const auto found = cache.entries.find(packed.unsafeGetTensorImpl());
+  if (found == cache.entries.end() || found->second.packed.expired() || found->second.version != version_of(packed)) {
+    return nullptr;
+  }
+  return &found->second;
+}
+
+void drop_freed(LevelsCache& cache) {
+  for (auto it = cache.entries.begin(); it != cache.entries.end();) {
+    it = it->second.packed.expired() ? cache.entries.erase(it) : std::next(it);
+  }
+}
+
 }  // namespace
 
 torch::Tensor unpack_int4_to_int8(const torch::Tensor& packed) {
@@ -46,22 +61,29 @@ torch::Tensor unpack_int4_to_int8(const torch::Tensor& packed) {
       .to(torch::kChar);
 }
 
-torch::Tensor cached_int8_levels(const torch::Tensor& packed) {
+torch::Tensor cached_int8_levels(const torch::Tensor& packed, const std::function<void()>& after_unpack) {
   auto& cache = levels_cache();
   const std::lock_guard<std::mutex> lock(cache.mutex);
-  const auto* key = packed.unsafeGetTensorImpl();
-  const uint32_t version = version_of(packed);
-  const auto found = cache.entries.find(key);
-  if (found != cache.entries.end() && !found->second.packed.expired() && found->second.version == version) {
-    return found->second.levels;
-  }
-  for (auto it = cache.entries.begin(); it != cache.entries.end();) {
-    it = it->second.packed.expired() ? cache.entries.erase(it) : std::next(it);
-  }
-  CachedLevels entry{WeakTensorImpl(packed.getIntrusivePtr()), version, unpack_int4_to_int8(packed)};
+  if (const CachedLevels* entry = current_entry(cache, packed)) return entry->levels;
+  drop_freed(cache);
+  CachedLevels entry{WeakTensorImpl(packed.getIntrusivePtr()), version_of(packed), unpack_int4_to_int8(packed)};
+  if (after_unpack) after_unpack();
   const auto levels = entry.levels;
-  cache.entries.insert_or_assign(key, std::move(entry));
+  cache.entries.insert_or_assign(packed.unsafeGetTensorImpl(), std::move(entry));
   return levels;
+}
+
+torch::Tensor find_cached_int8_levels(const torch::Tensor& packed) {
+  auto& cache = levels_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const CachedLevels* entry = current_entry(cache, packed);
+  return entry != nullptr ? entry->levels : torch::Tensor();
+}
+
+void forget_freed_int8_levels() {
+  auto& cache = levels_cache();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  drop_freed(cache);
 }
 
 int64_t cached_int8_levels_entries() {

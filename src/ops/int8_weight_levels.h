@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 
 namespace duquant::ops {
 
@@ -21,11 +22,19 @@ torch::Tensor unpack_int4_to_int8(const torch::Tensor& packed);
 // unpack_int4_to_int8(packed), computed at the first call for a packed tensor and kept while that
 // tensor lives and is unchanged: same TensorImpl (held by a weak reference, so neither its
 // address nor its storage is kept) and the same version (an in-place change bumps it; inference
-// tensors keep none and count as unchanged). Entries of freed tensors are dropped at the next
-// miss. Thread-safe.
-torch::Tensor cached_int8_levels(const torch::Tensor& packed);
+// tensors keep none and count as unchanged). `after_unpack`, when given, runs once after a new
+// copy is made, before any caller can see it (the CUDA op synchronises the stream there).
+// Entries of freed tensors are dropped at the next miss or by forget_freed_int8_levels().
+// Thread-safe. A CUDA graph captured while a copy is cached reads that copy: like the packed
+// weight itself, it must stay alive and unchanged while the graph is replayed.
+torch::Tensor cached_int8_levels(const torch::Tensor& packed, const std::function<void()>& after_unpack = nullptr);
 
-// Entries currently held (live or not yet dropped), and a way to drop them all: for tests.
+// The cached copy for `packed` if there is a current one, else an undefined tensor; makes none.
+torch::Tensor find_cached_int8_levels(const torch::Tensor& packed);
+
+// Drops the copies of packed tensors that have been freed (a benchmark that frees a model and
+// measures the next one's memory calls it), and the number of entries held; and drops them all.
+void forget_freed_int8_levels();
 int64_t cached_int8_levels_entries();
 void forget_cached_int8_levels();
 

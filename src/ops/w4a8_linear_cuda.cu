@@ -1025,6 +1025,21 @@ void launch_gemm_for_tile(int tile_m, const GemmParams& params, cudaStream_t str
   }
 }
 
+// The int8 levels of `packed` for a product on `stream` (int8_weight_levels.h). Outside a capture
+// the cached copy, made at the first call and the stream synchronised once, so that a later call
+// on any stream (a capture's side stream) reads finished levels. During a capture the cached copy
+// if one exists, else a copy made inside the graph and not cached: captured kernels only run at
+// replay, so caching it would hand the next caller unwritten memory.
+torch::Tensor int8_levels_on(const c10::cuda::CUDAStream& stream, const torch::Tensor& packed) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) {
+    const auto cached = find_cached_int8_levels(packed);
+    return cached.defined() ? cached : unpack_int4_to_int8(packed);
+  }
+  return cached_int8_levels(packed, [&] { stream.synchronize(); });
+}
+
 torch::Tensor w4a8_gemm_cuda(const torch::Tensor& values, const torch::Tensor& scale, const torch::Tensor& group_sum,
                              const torch::Tensor& packed_weight, const torch::Tensor& weight_scale,
                              const torch::Tensor& weight_zero, const torch::Tensor& bias, int64_t group_size,
@@ -1120,7 +1135,7 @@ torch::Tensor w4a8_gemm_cuda(const torch::Tensor& values, const torch::Tensor& s
   // reduction as one split, which applies the same epilogue: the output is bitwise the same.
   if (cuda_gemm_path() == CudaGemmPath::kCublasLt && groups == 1 && tokens > kIntMmMinTokens &&
       out_features % kIntMmMultiple == 0) {
-    const auto accumulators = at::_int_mm(activations, cached_int8_levels(weight).t());
+    const auto accumulators = at::_int_mm(activations, int8_levels_on(stream, packed_weight).t());
     params.plan = SplitKPlan{1, k_steps};
     params.partial = reinterpret_cast<float*>(accumulators.data_ptr<int32_t>());
     reduce_splits();
@@ -1199,6 +1214,7 @@ torch::Tensor w4a8_linear_cuda(const torch::Tensor& x, const torch::Tensor& smoo
                             shape.group_size, act_bits, act_clip};
   request.stream = stream.id();
   request.capture = capture_status == cudaStreamCaptureStatusActive ? capture_id : 0;
+  request.path = static_cast<int>(cuda_rotation_path());
   const auto activations = reuse_or_quantize(request, [&] {
     return fused_quantize_activations_cuda(x_rows, smooth_inv, rotation1, permutation, rotation2,
                                            shape.padded_in_features, shape.group_size, act_bits, act_clip);
