@@ -38,6 +38,7 @@
 #include "duquant/sensitivity.h"
 #include "duquant/stage_times.h"
 #include "duquant/swap.h"
+#include "operator_settings.h"
 
 namespace {
 
@@ -557,6 +558,11 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
     std::cout << fmt::format("[DUQUANT] W4A8 calls: {} quantized their input, {} reused the activations of the "
                              "layer before them on the same input\n",
                              reuse.computed, reuse.reused);
+    if (device.is_cuda()) {
+      std::cout << fmt::format("[DUQUANT] W4A8 CUDA paths: rotations {} (DUQUANT_CUDA_ROTATION), integer product {} "
+                               "(DUQUANT_CUDA_GEMM)\n",
+                               ops::name_of(ops::cuda_rotation_path()), ops::name_of(ops::cuda_gemm_path()));
+    }
   }
   if (!steady_seconds.empty()) {
     // The first calls one by one: the profiling executor profiles call 1 and re-optimises on call 2.

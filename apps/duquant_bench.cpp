@@ -41,6 +41,7 @@
 #include "duquant/model_io.h"
 #include "duquant/ops.h"
 #include "int8_weight_levels.h"
+#include "operator_settings.h"
 #include "w4a8_cuda.h"
 #include "w4a8_layout.h"
 
@@ -387,10 +388,11 @@ nlohmann::json run_end_to_end(const std::string& model_path, const std::string& 
   return json;
 }
 
-// The operator reads DUQUANT_CUDA_ROTATION at every call; each table says which path it timed.
-std::string rotation_path_in_effect() {
-  const char* path = std::getenv("DUQUANT_CUDA_ROTATION");
-  return path != nullptr && *path != '\0' ? path : "cuda-cores";
+// The operator reads its settings at every call; each table says which paths it timed.
+std::string paths_in_effect() {
+  return fmt::format("rotations {} (DUQUANT_CUDA_ROTATION), integer product {} (DUQUANT_CUDA_GEMM)",
+                     duquant::ops::name_of(duquant::ops::cuda_rotation_path()),
+                     duquant::ops::name_of(duquant::ops::cuda_gemm_path()));
 }
 
 // The per-layer operator table: every pi0 projection shape at every token count.
@@ -474,17 +476,17 @@ int main(int argc, char** argv) {
     const auto* properties = at::cuda::getCurrentDeviceProperties();
     fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
                properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
-    fmt::print("pre-kernel rotations: {} (DUQUANT_CUDA_ROTATION)\n", rotation_path_in_effect());
+    fmt::print("W4A8 paths: {}\n", paths_in_effect());
 
     nlohmann::json report;
     report["device"] = properties->name;
-    report["pre_kernel_rotations"] = rotation_path_in_effect();
+    report["w4a8_paths"] = paths_in_effect();
     if (!skip_ops) {
       report["ops"] = run_operator_table(token_counts, warmup, iterations);
       report["ops_variants"] = nlohmann::json::array();
       for (const auto& variant : variants) {
         const ScopedSettings settings(variant);
-        fmt::print("\nW4A8 with {} (pre-kernel rotations: {}):\n", variant, rotation_path_in_effect());
+        fmt::print("\nW4A8 with {} ({}):\n", variant, paths_in_effect());
         report["ops_variants"].push_back(
             {{"settings", variant}, {"table", run_operator_table(token_counts, warmup, iterations)}});
       }

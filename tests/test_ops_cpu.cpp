@@ -793,8 +793,8 @@ TEST(ActivationReuse, TheSwitchTakesZeroOrOneAndNamesAnythingElse) {
 
 // The CUDA op's two path settings (operator_settings.h) are read here, on any machine; the CUDA
 // tests run each path against the CPU. `read` maps the variable to its enum: unset means the
-// default, every value names its path, anything else is an error naming the variable, the value
-// and the choices.
+// default, every value names its path (and name_of prints it back), anything else is an error
+// naming the variable, the value and the choices.
 template <typename Path>
 void expect_setting(const char* variable, const std::function<Path()>& read, Path fallback,
                     const std::vector<std::pair<const char*, Path>>& named, const char* choices) {
@@ -805,6 +805,7 @@ void expect_setting(const char* variable, const std::function<Path()>& read, Pat
   for (const auto& [value, path] : named) {
     const duquant::testing::ScopedEnvironment setting(variable, value);
     EXPECT_EQ(read(), path) << variable << "=" << value;
+    EXPECT_STREQ(ops::name_of(path), value) << "the name printed for " << variable << "=" << value;
   }
   const duquant::testing::ScopedEnvironment unknown(variable, "CUBLAS");
   const std::string assignment = std::string(variable) + "=CUBLAS";

@@ -4,10 +4,11 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <utility>
 
 namespace duquant::ops {
 
-std::string operator_setting(const char* name, std::initializer_list<const char*> allowed, const char* fallback) {
+std::string operator_setting(const char* name, const std::vector<const char*>& allowed, const char* fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
   bool valid = false;
@@ -21,18 +22,52 @@ std::string operator_setting(const char* name, std::initializer_list<const char*
   return value;
 }
 
-CudaRotationPath cuda_rotation_path() {
-  const std::string path = operator_setting("DUQUANT_CUDA_ROTATION", {"cuda-cores", "tensor-cores", "cublas"},
-                                            "cuda-cores");
-  if (path == "tensor-cores") return CudaRotationPath::kTensorCores;
-  if (path == "cublas") return CudaRotationPath::kCublas;
-  return CudaRotationPath::kCudaCores;
+namespace {
+
+// Each path's name, the default first: the one list the variable is parsed and printed from.
+template <typename Path>
+using PathNames = std::vector<std::pair<const char*, Path>>;
+
+const PathNames<CudaRotationPath>& rotation_path_names() {
+  static const PathNames<CudaRotationPath> names = {{"cuda-cores", CudaRotationPath::kCudaCores},
+                                                    {"tensor-cores", CudaRotationPath::kTensorCores},
+                                                    {"cublas", CudaRotationPath::kCublas}};
+  return names;
 }
 
-CudaGemmPath cuda_gemm_path() {
-  return operator_setting("DUQUANT_CUDA_GEMM", {"mma-sync", "cublaslt"}, "mma-sync") == "cublaslt"
-             ? CudaGemmPath::kCublasLt
-             : CudaGemmPath::kMmaSync;
+const PathNames<CudaGemmPath>& gemm_path_names() {
+  static const PathNames<CudaGemmPath> names = {{"mma-sync", CudaGemmPath::kMmaSync},
+                                                {"cublaslt", CudaGemmPath::kCublasLt}};
+  return names;
 }
+
+template <typename Path>
+Path read_path(const char* variable, const PathNames<Path>& names) {
+  std::vector<const char*> allowed;
+  for (const auto& [name, path] : names) allowed.push_back(name);
+  const std::string value = operator_setting(variable, allowed, allowed.front());
+  for (const auto& [name, path] : names) {
+    if (value == name) return path;
+  }
+  return names.front().second;  // not reached: operator_setting returns one of `allowed`
+}
+
+template <typename Path>
+const char* name_in(const PathNames<Path>& names, Path path) {
+  for (const auto& [name, named] : names) {
+    if (named == path) return name;
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+CudaRotationPath cuda_rotation_path() { return read_path("DUQUANT_CUDA_ROTATION", rotation_path_names()); }
+
+const char* name_of(CudaRotationPath path) { return name_in(rotation_path_names(), path); }
+
+CudaGemmPath cuda_gemm_path() { return read_path("DUQUANT_CUDA_GEMM", gemm_path_names()); }
+
+const char* name_of(CudaGemmPath path) { return name_in(gemm_path_names(), path); }
 
 }  // namespace duquant::ops

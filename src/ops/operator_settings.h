@@ -6,14 +6,14 @@
 //   DUQUANT_REUSE_ACTIVATIONS  1 (default) | 0                                 (activation_reuse.h)
 #pragma once
 
-#include <initializer_list>
 #include <string>
+#include <vector>
 
 namespace duquant::ops {
 
 // The value of environment variable `name`, or `fallback` when it is unset or empty. A value
 // outside `allowed` is an error naming the variable, the value and the choices.
-std::string operator_setting(const char* name, std::initializer_list<const char*> allowed, const char* fallback);
+std::string operator_setting(const char* name, const std::vector<const char*>& allowed, const char* fallback);
 
 // How the CUDA op applies the block rotations of the online transform (w4a8_linear_cuda.cu):
 //   kCudaCores    cuda-cores: inside the pre-kernel, fp32 FMAs on CUDA cores, one token row per
@@ -24,8 +24,10 @@ std::string operator_setting(const char* name, std::initializer_list<const char*
 //                 (at PyTorch's fp32 matmul precision), the pre-kernel then only quantizes.
 enum class CudaRotationPath { kCudaCores, kTensorCores, kCublas };
 
-// DUQUANT_CUDA_ROTATION as a path; an unknown value is an error naming the variable.
+// DUQUANT_CUDA_ROTATION as a path (an unknown value is an error naming the variable), and a
+// path's name as the variable spells it.
 CudaRotationPath cuda_rotation_path();
+const char* name_of(CudaRotationPath path);
 
 // Which kernel computes the CUDA op's integer product (w4a8_linear_cuda.cu):
 //   kMmaSync   mma-sync: the W4A8 kernel, mma.sync on the packed int4 weights (the default);
@@ -35,7 +37,9 @@ CudaRotationPath cuda_rotation_path();
 //              else the W4A8 kernel runs.
 enum class CudaGemmPath { kMmaSync, kCublasLt };
 
-// DUQUANT_CUDA_GEMM as a path; an unknown value is an error naming the variable.
+// DUQUANT_CUDA_GEMM as a path (an unknown value is an error naming the variable), and a path's
+// name as the variable spells it.
 CudaGemmPath cuda_gemm_path();
+const char* name_of(CudaGemmPath path);
 
 }  // namespace duquant::ops
