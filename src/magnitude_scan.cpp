@@ -92,6 +92,44 @@ PeakEntry peak_entry(const torch::Tensor& values) {
   return {static_cast<double>(peak), index};
 }
 
+namespace {
+
+// The fields of a row peak key (peak_entry_of_rows), low bits first: column, complemented row
+// number, magnitude bits (a non-negative float orders as its bits).
+constexpr int64_t kKeyColumnBits = 12;
+constexpr int64_t kKeyRowBits = 20;
+constexpr int64_t kKeyRowMask = (int64_t{1} << kKeyRowBits) - 1;
+constexpr int64_t kKeyColumnMask = (int64_t{1} << kKeyColumnBits) - 1;
+constexpr int64_t kKeyMagnitudeShift = kKeyColumnBits + kKeyRowBits;
+
+}  // namespace
+
+bool row_peak_keys_fit(int64_t row_count, int64_t b) {
+  return row_count <= kKeyRowMask + 1 && b >= 1 && b <= kKeyColumnMask + 1;
+}
+
+PeakEntry peak_entry_of_rows(const torch::Tensor& rows, const torch::Tensor& row_numbers, int64_t row_count) {
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) > 0 && rows.scalar_type() == torch::kFloat,
+              "duquant: peak_entry_of_rows expects non-empty float32 [n, b] rows, got ", rows.scalar_type(), " ",
+              rows.sizes());
+  TORCH_CHECK(row_numbers.dim() == 1 && row_numbers.size(0) == rows.size(0) && row_numbers.scalar_type() == torch::kLong,
+              "duquant: peak_entry_of_rows needs one int64 row number per row, got ", row_numbers.scalar_type(), " ",
+              row_numbers.sizes());
+  const int64_t b = rows.size(1);
+  TORCH_CHECK(row_peak_keys_fit(row_count, b), "duquant: peak_entry_of_rows takes up to ", kKeyRowMask + 1,
+              " rows of up to ", kKeyColumnMask + 1, " entries, got ", row_count, " x ", b);
+  // max over a dimension returns the first maximal index.
+  const auto [maxima, columns] = rows.abs().max(1);
+  const auto keys = torch::bitwise_left_shift(maxima.view(torch::kInt).to(torch::kLong), kKeyMagnitudeShift) |
+                    torch::bitwise_left_shift(kKeyRowMask - row_numbers.to(rows.device()), kKeyColumnBits) | columns;
+  const int64_t key = keys.max().item<int64_t>();
+  const int64_t row = kKeyRowMask - ((key >> kKeyColumnBits) & kKeyRowMask);
+  const auto magnitude_bits = static_cast<uint32_t>(key >> kKeyMagnitudeShift);
+  float magnitude;
+  std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+  return {static_cast<double>(magnitude), row * b + (key & kKeyColumnMask)};
+}
+
 torch::Tensor row_absmax(const torch::Tensor& rows) {
   TORCH_CHECK(rows.dim() == 2, "duquant: row_absmax expects a 2-D tensor, got ", rows.sizes());
   if (!rows.device().is_cpu() || rows.scalar_type() != torch::kFloat || rows.size(1) == 0) {

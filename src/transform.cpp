@@ -76,6 +76,19 @@ torch::Tensor exchange_zero_with(const torch::Tensor& rotation, int64_t d) {
   return exchanged;
 }
 
+// E_d R E_d for every d at once, [b, b, b]: rows and then columns gathered by the transposition of
+// 0 and d, one index built on the host. Indexing it costs nothing per step, where
+// exchange_zero_with off the CPU copies its index to the device, a synchronising copy.
+torch::Tensor exchanged_rotations(const torch::Tensor& rotation) {
+  const int64_t b = rotation.size(0);
+  auto index = torch::arange(b, torch::kLong).repeat({b, 1});
+  auto* entries = index.data_ptr<int64_t>();
+  for (int64_t d = 0; d < b; ++d) std::swap(entries[d * b], entries[d * b + d]);
+  index = index.to(rotation.device());
+  const auto rows = rotation.index_select(0, index.flatten()).view({b, b, b});
+  return rows.gather(2, index.unsqueeze(1).expand({b, b, b})).contiguous();
+}
+
 // The float32 rotation the layer applies, or none when no greedy step lowered the peak: the kept
 // product is then the identity, and x I = x exactly (up to the sign of a zero, which quantizes
 // alike), so leaving it out ("step skipped") changes no value and saves a [T, K] x b GEMM at
@@ -184,7 +197,8 @@ torch::Tensor base_rotation(int64_t block_size, uint64_t seed) {
   return mixing.matmul(uniform_first);
 }
 
-GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed) {
+GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed,
+                                     PeakSearch search) {
   TORCH_CHECK(blocks.dim() == 2, "duquant: greedy rotation expects [rows, block] blocks, got ", blocks.sizes());
   const int64_t b = blocks.size(1);
   const auto device = blocks.device();
@@ -210,6 +224,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   const float* norms = sorted_norms.data_ptr<float>();
   const int64_t* original_row = order.data_ptr<int64_t>();
   const auto sorted_rows = rows.index_select(0, order_on_device);
+  const torch::Tensor order_by_norm = order_on_device;  // lambdas cannot capture a structured binding
   // The leading rows whose norm reaches `peak` (never fewer than `active`). The slack covers the
   // rounding of the float32 norms and their drift over the steps; a few extra rows are harmless.
   const auto rows_reaching = [&](double peak, int64_t active) {
@@ -246,6 +261,19 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   // from the same base rotation.
   const auto base = base_rotation(b, seed).to(device);
   const auto base_float = base.to(torch::kFloat);
+  // PeakSearch (transform.h): off the CPU each step's peak is one key reduction read back as one
+  // number, and its rotation a slice of all the exchanged ones; both bitwise what the host path
+  // finds (test GreedyRotation.TheDeviceSearchRunOnTheCpuIsTheHostSearchBitwise).
+  const bool tensor_ops = (search == PeakSearch::kTensorOps || (search == PeakSearch::kAuto && !device.is_cpu())) &&
+                          row_peak_keys_fit(count, b);
+  const auto step_exchanges = tensor_ops ? exchanged_rotations(base_float) : torch::Tensor();
+  const auto step_rotation = [&](int64_t d) {
+    return tensor_ops ? step_exchanges[d] : exchange_zero_with(base_float, d);
+  };
+  const auto find_peak = [&](const torch::Tensor& rotated, int64_t begin, int64_t end) {
+    return tensor_ops ? peak_entry_of_rows(rotated.slice(0, begin, end), order_by_norm.slice(0, begin, end), count)
+                      : peak_of(rotated, begin, end);
+  };
   // The working copies of the rows are float32 (one GEMM per step is the whole cost); only the
   // peak and the outlier position are read from them. Only rows [0, active) of `current` are
   // read: they have had every step so far. A joining row starts from `sorted_rows`, which the
@@ -263,10 +291,10 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   double best_peak = peak.magnitude;
   for (int64_t step = 0; step < max_steps && best_peak > 0; ++step) {
     outlier_columns.push_back(peak.index % b);
-    step_rotations.push_back(exchange_zero_with(base_float, outlier_columns.back()));
+    step_rotations.push_back(step_rotation(outlier_columns.back()));
     auto rotated = next.slice(0, 0, active);
     ops::rotate_rows_out(rotated, current.slice(0, 0, active), step_rotations.back());
-    peak = peak_of(next, 0, active);
+    peak = find_peak(next, 0, active);
     const int64_t joined = rows_reaching(peak.magnitude, active);
     if (joined > active) {
       // The joining rows catch up on every step so far, in GEMMs of at least kMinGreedyGemmRows
@@ -277,7 +305,7 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
       for (const auto& rotation : step_rotations) caught_up = ops::rotate_rows(caught_up, rotation);
       next.slice(0, active, joined).copy_(caught_up.slice(0, active - window));
       // Only the joined rows are scanned: the others' peak is already known.
-      peak = earlier_peak(peak, peak_of(next, active, joined));
+      peak = earlier_peak(peak, find_peak(next, active, joined));
       active = joined;
     }
     std::swap(current, next);
@@ -290,8 +318,10 @@ GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_st
   result.rotated_rows = active;
   // The kept product R_1 ... R_steps, accumulated in float64 so that it stays orthogonal however
   // many steps are chained; only the kept prefix is multiplied out.
+  const auto kept_exchanges = tensor_ops && result.steps > 0 ? exchanged_rotations(base) : torch::Tensor();
   for (int64_t step = 0; step < result.steps; ++step) {
-    result.rotation = result.rotation.matmul(exchange_zero_with(base, outlier_columns[static_cast<size_t>(step)]));
+    const int64_t d = outlier_columns[static_cast<size_t>(step)];
+    result.rotation = result.rotation.matmul(tensor_ops ? kept_exchanges[d] : exchange_zero_with(base, d));
   }
   return result;
 }

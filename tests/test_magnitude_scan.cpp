@@ -50,6 +50,43 @@ TEST(PeakEntry, IsTheFirstLargestMagnitudeLikeAbsArgmax) {
   EXPECT_EQ(peak_entry(torch::zeros({4, 8})).index, 0);
 }
 
+// The key reduction the greedy rotation runs on a GPU, checked on the CPU against peak_entry:
+// small integers tie everywhere (within rows and across rows), so the lowest row, then the first
+// column, must win; rows given out of order carry their row numbers.
+TEST(PeakEntryOfRows, IsPeakEntryOfTheNumberedRowsTiesIncluded) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(41);
+  for (const auto& [rows, b] : {std::pair<int64_t, int64_t>{300, 16}, {7, 2}, {2000, 128}, {1, 4096}}) {
+    const auto values = torch::randint(-3, 4, {rows, b}, generator, torch::kFloat);
+    const PeakEntry expected = peak_entry(values);
+    const PeakEntry in_order = peak_entry_of_rows(values, torch::arange(rows, torch::kLong), rows);
+    EXPECT_EQ(in_order.magnitude, expected.magnitude) << rows << " x " << b;
+    EXPECT_EQ(in_order.index, expected.index) << rows << " x " << b;
+    const auto order = torch::randperm(rows, generator, torch::kLong);
+    const PeakEntry shuffled = peak_entry_of_rows(values.index_select(0, order), order, rows);
+    EXPECT_EQ(shuffled.magnitude, expected.magnitude) << rows << " x " << b << " shuffled";
+    EXPECT_EQ(shuffled.index, expected.index) << rows << " x " << b << " shuffled";
+  }
+  // Real-valued rows (one peak) and a sub-range of the row numbers.
+  const auto values = torch::randn({500, 128}, generator, torch::kFloat);
+  const PeakEntry expected = peak_entry(values.slice(0, 100, 400));
+  const PeakEntry found = peak_entry_of_rows(values.slice(0, 100, 400), torch::arange(300, torch::kLong), 300);
+  EXPECT_EQ(found.magnitude, expected.magnitude);
+  EXPECT_EQ(found.index, expected.index);
+}
+
+TEST(PeakEntryOfRows, StatesWhatItTakes) {
+  EXPECT_TRUE(row_peak_keys_fit(int64_t{1} << 20, 4096));
+  EXPECT_FALSE(row_peak_keys_fit((int64_t{1} << 20) + 1, 128));
+  EXPECT_FALSE(row_peak_keys_fit(100, 4097));
+  const auto two_rows = torch::arange(2, torch::kLong);
+  EXPECT_NO_THROW(peak_entry_of_rows(torch::ones({2, 8}), two_rows, int64_t{1} << 20));
+  EXPECT_THROW(peak_entry_of_rows(torch::ones({2, 8}), two_rows, (int64_t{1} << 20) + 1), c10::Error);
+  EXPECT_THROW(peak_entry_of_rows(torch::ones({2, 4097}), two_rows, 2), c10::Error);
+  EXPECT_THROW(peak_entry_of_rows(torch::ones({2, 8}), torch::arange(3, torch::kLong), 3), c10::Error);
+  EXPECT_THROW(peak_entry_of_rows(torch::ones({2, 8}, torch::kDouble), two_rows, 2), c10::Error);
+  EXPECT_THROW(peak_entry_of_rows(torch::ones({2, 8}), two_rows.to(torch::kInt), 2), c10::Error);
+}
+
 // row_absmax is abs().amax(1) on the CPU scan and on the tensor-op fallback (other dtypes), for
 // rows of any length, negative peaks included.
 TEST(RowAbsmax, IsTheLargestMagnitudeOfEveryRowLikeAbsAmax) {

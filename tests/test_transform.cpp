@@ -202,6 +202,57 @@ TEST(GreedyRotation, RotatesOnlyTheRowsThatReachThePeak) {
   }
 }
 
+// PeakSearch::kTensorOps is what a GPU runs (kAuto off the CPU). Run on the CPU it must give
+// bitwise the host scan's result: the same kept steps, rotation and rotated rows, ties included
+// (equal magnitudes within a row and across rows, where the lower row and then the first column
+// win), with rows joining late, and on the full-size b = 128.
+TEST(GreedyRotation, TheDeviceSearchRunOnTheCpuIsTheHostSearchBitwise) {
+  struct Case {
+    std::string name;
+    torch::Tensor blocks;
+    int64_t steps;
+  };
+  std::vector<Case> cases;
+  {
+    auto blocks = gaussian({512, 16}, 21);
+    blocks.select(1, 5).mul_(50.0);
+    cases.push_back({"b 16, a 50x outlier channel", blocks, 256});
+  }
+  {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(205);
+    auto blocks = torch::randn({4000, 128}, generator, torch::kFloat) *
+                  torch::exp(0.3 * torch::randn({4000, 1}, generator, torch::kFloat));
+    blocks.slice(0, 0, 200).select(1, 3).mul_(10.0);
+    blocks.slice(0, 2000).mul_(0.01);
+    blocks.slice(0, 1500, 1510).copy_(blocks.slice(0, 1000, 1010));  // equal rows: ties across rows
+    cases.push_back({"b 128, rows joining late, duplicated rows", blocks, 64});
+  }
+  {
+    // b = 2: one rotation maps t e_0 and t e_1 to +-t/sqrt(2) in both columns, the same float
+    // products, so every step after the first ties within and across rows; rows listed in an
+    // order where "lower row" and "first column" pick differently from "first in memory".
+    auto blocks = torch::tensor({{0.0f, 4.0f}, {4.0f, 0.0f}, {0.0f, -4.0f}, {1.0f, 0.5f}, {-0.5f, 1.0f}});
+    cases.push_back({"b 2, exact ties", blocks, 16});
+  }
+  {
+    auto hadamard = torch::ones({1, 1}, torch::kFloat);
+    while (hadamard.size(0) < 16) {
+      hadamard = torch::cat({torch::cat({hadamard, hadamard}, 1), torch::cat({hadamard, -hadamard}, 1)}, 0);
+    }
+    cases.push_back({"b 16, Hadamard rows: all magnitudes equal", hadamard, 32});
+  }
+  int64_t cases_with_steps = 0;
+  for (const auto& c : cases) {
+    const auto host = greedy_block_rotation(c.blocks, c.steps, 7, PeakSearch::kHost);
+    const auto keys = greedy_block_rotation(c.blocks, c.steps, 7, PeakSearch::kTensorOps);
+    EXPECT_EQ(keys.steps, host.steps) << c.name;
+    EXPECT_EQ(keys.rotated_rows, host.rotated_rows) << c.name;
+    EXPECT_TRUE(torch::equal(keys.rotation, host.rotation)) << c.name;
+    cases_with_steps += host.steps > 0 ? 1 : 0;
+  }
+  EXPECT_GE(cases_with_steps, 3) << "the comparison needs searches that keep steps";
+}
+
 TEST(ZigzagPermutation, FollowsTheDealOrderOnAHandCase) {
   // C = 8, b = 2, K = 4 blocks. Descending order of channels: 1(8) 4(7) 6(6) 3(5) 7(4) 2(.3)
   // 5(.2) 0(.1), dealt to blocks 0 1 2 3 3 2 1 0 -> [1 0 | 4 5 | 6 2 | 3 7].

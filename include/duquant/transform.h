@@ -61,9 +61,19 @@ struct GreedyRotation {
   // hold it, so they are left alone), at least min(rows, 128).
   int64_t rotated_rows = 0;
 };
+// How a greedy step finds the peak of the rotated rows; every choice gives bitwise the same result.
+//   kHost       the rows' maxima scanned on the CPU (read back from the device first);
+//   kTensorOps  reduced where the rows are, one int64 key per row (magnitude, then the lower row,
+//               then the row's first maximal column), one number read back per step, and the step
+//               rotations indexed from all of them made at once; on a GPU one host round trip per
+//               step instead of three. Up to 2^20 rows and 4096-wide blocks (else kHost).
+//   kAuto       kHost for rows on the CPU, kTensorOps elsewhere.
+enum class PeakSearch { kAuto, kHost, kTensorOps };
+
 // Step 2: greedy outlier-spreading rotation learnt from `blocks` ([rows, b], the activation
 // blocks stacked as rows). Picks the outlier *column* at each step.
-GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed);
+GreedyRotation greedy_block_rotation(const torch::Tensor& blocks, int64_t max_steps, uint64_t seed,
+                                     PeakSearch search = PeakSearch::kAuto);
 
 // Step 3: zigzag permutation of channels by their max |x|: perm[i] = old column of new column i.
 struct ZigzagPermutation {
