@@ -559,9 +559,7 @@ int run(const std::string& model_path, const std::string& inputs_path, const std
                              "layer before them on the same input\n",
                              reuse.computed, reuse.reused);
     if (device.is_cuda()) {
-      std::cout << fmt::format("[DUQUANT] W4A8 CUDA paths: rotations {} (DUQUANT_CUDA_ROTATION), integer product {} "
-                               "(DUQUANT_CUDA_GEMM)\n",
-                               ops::name_of(ops::cuda_rotation_path()), ops::name_of(ops::cuda_gemm_path()));
+      std::cout << "[DUQUANT] W4A8 CUDA paths: " << ops::cuda_paths_in_effect() << "\n";
     }
   }
   if (!steady_seconds.empty()) {

@@ -388,13 +388,6 @@ nlohmann::json run_end_to_end(const std::string& model_path, const std::string& 
   return json;
 }
 
-// The operator reads its settings at every call; each table says which paths it timed.
-std::string paths_in_effect() {
-  return fmt::format("rotations {} (DUQUANT_CUDA_ROTATION), integer product {} (DUQUANT_CUDA_GEMM)",
-                     duquant::ops::name_of(duquant::ops::cuda_rotation_path()),
-                     duquant::ops::name_of(duquant::ops::cuda_gemm_path()));
-}
-
 // The per-layer operator table: every pi0 projection shape at every token count.
 nlohmann::json run_operator_table(const std::vector<int64_t>& token_counts, int warmup, int iterations) {
   nlohmann::json json;
@@ -476,17 +469,17 @@ int main(int argc, char** argv) {
     const auto* properties = at::cuda::getCurrentDeviceProperties();
     fmt::print("device: {} ({} SMs); peaks used for the fraction: {:.0f} INT8 TOPS, {:.0f} GB/s (H100 SXM)\n",
                properties->name, properties->multiProcessorCount, kPeakInt8Tops, kPeakHbmGBps);
-    fmt::print("W4A8 paths: {}\n", paths_in_effect());
+    fmt::print("W4A8 paths: {}\n", duquant::ops::cuda_paths_in_effect());
 
     nlohmann::json report;
     report["device"] = properties->name;
-    report["w4a8_paths"] = paths_in_effect();
+    report["w4a8_paths"] = duquant::ops::cuda_paths_in_effect();
     if (!skip_ops) {
       report["ops"] = run_operator_table(token_counts, warmup, iterations);
       report["ops_variants"] = nlohmann::json::array();
       for (const auto& variant : variants) {
         const ScopedSettings settings(variant);
-        fmt::print("\nW4A8 with {} ({}):\n", variant, paths_in_effect());
+        fmt::print("\nW4A8 with {} ({}):\n", variant, duquant::ops::cuda_paths_in_effect());
         report["ops_variants"].push_back(
             {{"settings", variant}, {"table", run_operator_table(token_counts, warmup, iterations)}});
       }

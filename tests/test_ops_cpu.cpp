@@ -835,6 +835,13 @@ TEST(OperatorSettings, TheCudaGemmPathIsReadByNameAndAnUnknownOneIsNamed) {
                                "mma-sync or cublaslt");
 }
 
+TEST(OperatorSettings, TheLogLineNamesBothPathsInEffectWithTheirVariables) {
+  const duquant::testing::ScopedEnvironment rotation("DUQUANT_CUDA_ROTATION", "cublas");
+  const duquant::testing::ScopedEnvironment gemm("DUQUANT_CUDA_GEMM", "");
+  EXPECT_EQ(ops::cuda_paths_in_effect(),
+            "rotations cublas (DUQUANT_CUDA_ROTATION), integer product mma-sync (DUQUANT_CUDA_GEMM)");
+}
+
 // ---------------------------------------------------------------------------------------------
 // int8 copies of the packed weights (src/ops/int8_weight_levels.h), which DUQUANT_CUDA_GEMM=cublaslt
 // multiplies on the GPU: the tensor-op unpacking the GPU runs is checked here on the CPU.

@@ -60,14 +60,22 @@ const char* name_in(const PathNames<Path>& names, Path path) {
   return "unknown";
 }
 
+constexpr const char* kCudaRotationVariable = "DUQUANT_CUDA_ROTATION";
+constexpr const char* kCudaGemmVariable = "DUQUANT_CUDA_GEMM";
+
 }  // namespace
 
-CudaRotationPath cuda_rotation_path() { return read_path("DUQUANT_CUDA_ROTATION", rotation_path_names()); }
+CudaRotationPath cuda_rotation_path() { return read_path(kCudaRotationVariable, rotation_path_names()); }
 
 const char* name_of(CudaRotationPath path) { return name_in(rotation_path_names(), path); }
 
-CudaGemmPath cuda_gemm_path() { return read_path("DUQUANT_CUDA_GEMM", gemm_path_names()); }
+CudaGemmPath cuda_gemm_path() { return read_path(kCudaGemmVariable, gemm_path_names()); }
 
 const char* name_of(CudaGemmPath path) { return name_in(gemm_path_names(), path); }
+
+std::string cuda_paths_in_effect() {
+  return std::string("rotations ") + name_of(cuda_rotation_path()) + " (" + kCudaRotationVariable +
+         "), integer product " + name_of(cuda_gemm_path()) + " (" + kCudaGemmVariable + ")";
+}
 
 }  // namespace duquant::ops

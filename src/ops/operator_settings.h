@@ -42,4 +42,8 @@ enum class CudaGemmPath { kMmaSync, kCublasLt };
 CudaGemmPath cuda_gemm_path();
 const char* name_of(CudaGemmPath path);
 
+// Both paths as they are set now, for a log line: "rotations cuda-cores (DUQUANT_CUDA_ROTATION),
+// integer product mma-sync (DUQUANT_CUDA_GEMM)".
+std::string cuda_paths_in_effect();
+
 }  // namespace duquant::ops
