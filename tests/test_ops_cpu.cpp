@@ -314,14 +314,16 @@ TEST(RotateRows, IsTheMatrixProductOnEveryPath) {
   EXPECT_THROW(ops::rotate_rows_out(torch::empty({32, 4}).t(), rows, rotation), c10::Error);
 }
 
-// Full and remainder tiles (t), full and narrow panels (n), one, several and a partial k block.
+// Full and remainder tiles (t), full and narrow panels (n), one, several and a partial k block,
+// whole and partial 16 x 16 transposes of the packing, and (t = 600) several groups of panels per
+// thread.
 TEST(MultiplyByTranspose, SumsEachKBlockAsOneFmaChainThenAddsTheBlocksInOrder) {
   const auto isas = supported_isas();
   if (isas.empty()) GTEST_SKIP() << "this CPU has neither AVX-512 nor AVX2 + FMA";
   torch::manual_seed(13);
   for (const auto isa : isas) {
     for (const auto& [t, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-             {1, 1, 1}, {9, 100, 33}, {25, 192, 64}, {31, 500, 70}, {179, 1024, 96}}) {
+             {1, 1, 1}, {9, 100, 33}, {25, 192, 64}, {31, 500, 70}, {179, 1024, 96}, {600, 400, 1000}}) {
       SCOPED_TRACE(isa_name(isa) + ", [" + std::to_string(t) + ", " + std::to_string(k) + "] x [" +
                    std::to_string(n) + ", " + std::to_string(k) + "]^T");
       const auto x = torch::randn({t, k}) * torch::exp(torch::randn({t, 1}));

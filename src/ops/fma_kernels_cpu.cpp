@@ -17,6 +17,10 @@ namespace {
 // so their 32 KB (b = 128) stay in L2 while the panels take turns in L1.
 constexpr int64_t kRowsPerTask = 64;
 
+// The most output one group of multiply_by_transpose's panels writes: with one k block of x
+// (150 KB at t = 200) and a packed panel (24 KB), about a third of a 2 MB L2.
+constexpr int64_t kGroupOutputBytes = int64_t{1} << 19;
+
 #if defined(__x86_64__)
 
 // AVX-512: Rows x 32 outputs in 2 * Rows zmm accumulators (Rows <= 8 keeps 16 of 32 registers
@@ -80,6 +84,58 @@ __attribute__((target("avx2,fma"))) void half_tile_avx2(const float* rows, int64
     }
     _mm256_storeu_ps(row_out, acc[r][0]);
     _mm256_storeu_ps(row_out + 8, acc[r][1]);
+  }
+}
+
+// target[i * target_stride + j] = source[j * source_stride + i] for i, j < 16: a 16 x 16 block
+// transposed in registers (pairs, then quads within 128-bit lanes, then the lanes), so that
+// packing a panel reads and writes whole vectors instead of one float at a time.
+__attribute__((target("avx512f"))) void transpose_16x16(const float* source, int64_t source_stride, float* target,
+                                                        int64_t target_stride) {
+  __m512 rows[16], pairs[16], quads[16];
+  for (int j = 0; j < 16; ++j) rows[j] = _mm512_loadu_ps(source + j * source_stride);
+  // pairs[2p], pairs[2p+1]: entries (r, r+1) of rows 2p, 2p+1, per lane: columns 4L, 4L+1 | 4L+2, 4L+3.
+  for (int p = 0; p < 8; ++p) {
+    pairs[2 * p] = _mm512_unpacklo_ps(rows[2 * p], rows[2 * p + 1]);
+    pairs[2 * p + 1] = _mm512_unpackhi_ps(rows[2 * p], rows[2 * p + 1]);
+  }
+  // quads[4q + m]: lane L holds column 4L + m of rows 4q .. 4q+3.
+  for (int q = 0; q < 4; ++q) {
+    const __m512d low = _mm512_castps_pd(pairs[4 * q]), high = _mm512_castps_pd(pairs[4 * q + 1]);
+    const __m512d low_next = _mm512_castps_pd(pairs[4 * q + 2]), high_next = _mm512_castps_pd(pairs[4 * q + 3]);
+    quads[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(low, low_next));
+    quads[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(low, low_next));
+    quads[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(high, high_next));
+    quads[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(high, high_next));
+  }
+  // Column 4L + m of all 16 rows: lane L of quads[m], quads[4 + m], quads[8 + m], quads[12 + m].
+  for (int m = 0; m < 4; ++m) {
+    const __m512 front_low = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0x44);
+    const __m512 front_high = _mm512_shuffle_f32x4(quads[m], quads[4 + m], 0xEE);
+    const __m512 back_low = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0x44);
+    const __m512 back_high = _mm512_shuffle_f32x4(quads[8 + m], quads[12 + m], 0xEE);
+    _mm512_storeu_ps(target + m * target_stride, _mm512_shuffle_f32x4(front_low, back_low, 0x88));
+    _mm512_storeu_ps(target + (4 + m) * target_stride, _mm512_shuffle_f32x4(front_low, back_low, 0xDD));
+    _mm512_storeu_ps(target + (8 + m) * target_stride, _mm512_shuffle_f32x4(front_high, back_high, 0x88));
+    _mm512_storeu_ps(target + (12 + m) * target_stride, _mm512_shuffle_f32x4(front_high, back_high, 0xDD));
+  }
+}
+
+// packed[i * kPanelColumns + j] = w[j * k + i] for j < width, i < depth: the panel layout of
+// fma_kernels_cpu.h from `width` rows of w (each read from its k block's start).
+void pack_panel(VectorIsa isa, const float* w, int64_t k, int64_t width, int64_t depth, float* packed) {
+  int64_t full_rows = 0, full_depth = 0;
+  if (isa == VectorIsa::Avx512) {
+    full_rows = width / 16 * 16, full_depth = depth / 16 * 16;
+    for (int64_t j = 0; j < full_rows; j += 16) {
+      for (int64_t i = 0; i < full_depth; i += 16) {
+        transpose_16x16(w + j * k + i, k, packed + i * kPanelColumns + j, kPanelColumns);
+      }
+    }
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    const float* source = w + j * k;
+    for (int64_t i = j < full_rows ? full_depth : 0; i < depth; ++i) packed[i * kPanelColumns + j] = source[i];
   }
 }
 
@@ -194,32 +250,50 @@ bool multiply_by_transpose(float* out, const float* x, int64_t t, const float* w
     return true;
   }
   const int64_t panels = (n + kPanelColumns - 1) / kPanelColumns;
+  // Each thread takes its panels in groups whose outputs fit in its L2 next to one k block of x;
+  // within a group every panel sweeps a block of x before any panel moves to the next, so that
+  // block (t x 192 floats) comes from L2 for all of them. Sweeping each panel over the whole of k
+  // instead read all of x from memory once per panel: 13 MB per 32 output columns for the
+  // 16384-wide layers. Panels write disjoint columns, so the order needs no synchronisation.
+  const int64_t group_panels =
+      std::max<int64_t>(1, kGroupOutputBytes / (t * kPanelColumns * int64_t{sizeof(float)}));
   at::parallel_for(0, panels, 1, [&](int64_t first_panel, int64_t last_panel) {
     std::vector<float> packed(static_cast<size_t>(kProductBlock * kPanelColumns));
     std::vector<float> narrow;  // the last panel's results when n is not a multiple of 32
-    for (int64_t panel = first_panel; panel < last_panel; ++panel) {
-      const int64_t column = panel * kPanelColumns, width = std::min(kPanelColumns, n - column);
-      if (width < kPanelColumns) {
-        std::fill(packed.begin(), packed.end(), 0.0f);
-        narrow.resize(static_cast<size_t>(t * kPanelColumns));
-      }
+    for (int64_t group = first_panel; group < last_panel; group += group_panels) {
+      const int64_t group_end = std::min(last_panel, group + group_panels);
       for (int64_t block = 0; block < k; block += kProductBlock) {
         const int64_t depth = std::min(kProductBlock, k - block);
-        // Columns column .. column+width-1 of w^T for k in this block: rows of w, transposed.
-        for (int64_t j = 0; j < width; ++j) {
-          const float* source = w + (column + j) * k + block;
-          for (int64_t i = 0; i < depth; ++i) packed[static_cast<size_t>(i * kPanelColumns + j)] = source[i];
-        }
         const bool accumulate = block > 0;
-        if (width == kPanelColumns) {
-          sweep_panel(isa, x + block, t, k, depth, packed.data(), out + column, n, accumulate);
-          continue;
-        }
-        sweep_panel(isa, x + block, t, k, depth, packed.data(), narrow.data(), kPanelColumns, false);
-        for (int64_t row = 0; row < t; ++row) {
-          float* target = out + row * n + column;
-          const float* chain = narrow.data() + row * kPanelColumns;
-          for (int64_t j = 0; j < width; ++j) target[j] = accumulate ? target[j] + chain[j] : chain[j];
+        for (int64_t panel = group; panel < group_end; ++panel) {
+          const int64_t column = panel * kPanelColumns, width = std::min(kPanelColumns, n - column);
+          // The rows of w that the next panel packs are requested into L2 while this one
+          // computes: the packing reads 32 rows k apart, which the hardware prefetchers miss.
+          if (panel + 1 < group_end) {
+            const int64_t next_width = std::min(kPanelColumns, n - column - kPanelColumns);
+            for (int64_t j = 0; j < next_width; ++j) {
+              const char* source = reinterpret_cast<const char*>(w + (column + kPanelColumns + j) * k + block);
+              for (int64_t offset = 0; offset < depth * int64_t{sizeof(float)}; offset += 64) {
+                _mm_prefetch(source + offset, _MM_HINT_T1);
+              }
+            }
+          }
+          if (width < kPanelColumns) {
+            std::fill(packed.begin(), packed.end(), 0.0f);
+            narrow.resize(static_cast<size_t>(t * kPanelColumns));
+          }
+          // Columns column .. column+width-1 of w^T for k in this block: rows of w, transposed.
+          pack_panel(isa, w + column * k + block, k, width, depth, packed.data());
+          if (width == kPanelColumns) {
+            sweep_panel(isa, x + block, t, k, depth, packed.data(), out + column, n, accumulate);
+            continue;
+          }
+          sweep_panel(isa, x + block, t, k, depth, packed.data(), narrow.data(), kPanelColumns, false);
+          for (int64_t row = 0; row < t; ++row) {
+            float* target = out + row * n + column;
+            const float* chain = narrow.data() + row * kPanelColumns;
+            for (int64_t j = 0; j < width; ++j) target[j] = accumulate ? target[j] + chain[j] : chain[j];
+          }
         }
       }
     }
