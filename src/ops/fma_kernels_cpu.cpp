@@ -94,7 +94,8 @@ __attribute__((target("avx512f"))) void transpose_16x16(const float* source, int
                                                         int64_t target_stride) {
   __m512 rows[16], pairs[16], quads[16];
   for (int j = 0; j < 16; ++j) rows[j] = _mm512_loadu_ps(source + j * source_stride);
-  // pairs[2p], pairs[2p+1]: entries (r, r+1) of rows 2p, 2p+1, per lane: columns 4L, 4L+1 | 4L+2, 4L+3.
+  // pairs[2p] interleaves rows 2p and 2p+1 at columns 4L, 4L+1 of each 128-bit lane L; pairs[2p+1]
+  // at columns 4L+2, 4L+3.
   for (int p = 0; p < 8; ++p) {
     pairs[2 * p] = _mm512_unpacklo_ps(rows[2 * p], rows[2 * p + 1]);
     pairs[2 * p + 1] = _mm512_unpackhi_ps(rows[2 * p], rows[2 * p + 1]);
