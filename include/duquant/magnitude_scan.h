@@ -21,13 +21,13 @@ struct PeakEntry {
 PeakEntry peak_entry(const torch::Tensor& values);
 
 // The peak of float32 rows [n, b] that are rows row_numbers[i] (int64 [n], distinct, below
-// row_count) of a larger [row_count, b] tensor: the largest |entry|, among equal ones the lowest row number, then the first
-// column, and its index row_number * b + column; so when the other rows of the larger tensor hold
-// nothing larger, what peak_entry returns for it. Computed with tensor ops where the rows are:
-// one int64 key per row (the magnitude's float bits above the complement of the row number above
-// the column of the row's first maximal entry), the largest key read back, 8 bytes, in one
-// device-to-host copy (the greedy rotation's peak on a GPU). Needs row_count <= 2^20 and
-// b <= 4096 (row_peak_keys_fit); finite entries.
+// row_count) of a larger [row_count, b] tensor: the largest |entry|, among equal ones the lowest
+// row number, then the first column, and its index row_number * b + column; so when the other
+// rows of the larger tensor hold nothing larger, what peak_entry returns for it. Computed with
+// tensor ops where the rows are: one int64 key per row (the magnitude's float bits above the
+// complement of the row number above the column of the row's first maximal entry), the largest
+// key read back, 8 bytes, in one device-to-host copy (the greedy rotation's peak on a GPU). Needs
+// row_count <= 2^20 and b <= 4096 (row_peak_keys_fit); finite entries.
 bool row_peak_keys_fit(int64_t row_count, int64_t b);
 PeakEntry peak_entry_of_rows(const torch::Tensor& rows, const torch::Tensor& row_numbers, int64_t row_count);
 

@@ -87,6 +87,15 @@ __attribute__((target("avx2,fma"))) void half_tile_avx2(const float* rows, int64
   }
 }
 
+// Requests `count` floats from `start` on into L2 (one prefetch per 64-byte line), so that a
+// loop about to read them finds them there.
+void prefetch_to_l2(const float* start, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(start);
+  for (int64_t offset = 0; offset < count * int64_t{sizeof(float)}; offset += 64) {
+    _mm_prefetch(bytes + offset, _MM_HINT_T1);
+  }
+}
+
 // target[i * target_stride + j] = source[j * source_stride + i] for i, j < 16: a 16 x 16 block
 // transposed in registers (pairs, then quads within 128-bit lanes, then the lanes), so that
 // packing a panel reads and writes whole vectors instead of one float at a time.
@@ -224,9 +233,7 @@ bool rotate_rows(float* out, const float* rows, int64_t count, const float* rota
       // searches (32768 rows, 16 MB a buffer) ran at ~140 GFLOP/s on two cores without it, ~170
       // with it (128-row blocks, AMD EPYC).
       if (task + 1 < last_task) {
-        const char* next = reinterpret_cast<const char*>(rows + (begin + kRowsPerTask) * b);
-        const int64_t bytes = std::min(kRowsPerTask, count - begin - kRowsPerTask) * b * int64_t{sizeof(float)};
-        for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T1);
+        prefetch_to_l2(rows + (begin + kRowsPerTask) * b, std::min(kRowsPerTask, count - begin - kRowsPerTask) * b);
       }
       for (int64_t panel = 0; panel < panels; ++panel) {
         sweep_panel(isa, rows + begin * b, rows_here, b, b, packed.data() + panel * b * kPanelColumns,
@@ -272,12 +279,8 @@ bool multiply_by_transpose(float* out, const float* x, int64_t t, const float* w
           // computes: the packing reads 32 rows k apart, which the hardware prefetchers miss.
           if (panel + 1 < group_end) {
             const int64_t next_width = std::min(kPanelColumns, n - column - kPanelColumns);
-            for (int64_t j = 0; j < next_width; ++j) {
-              const char* source = reinterpret_cast<const char*>(w + (column + kPanelColumns + j) * k + block);
-              for (int64_t offset = 0; offset < depth * int64_t{sizeof(float)}; offset += 64) {
-                _mm_prefetch(source + offset, _MM_HINT_T1);
-              }
-            }
+            const float* next_rows = w + (column + kPanelColumns) * k + block;
+            for (int64_t j = 0; j < next_width; ++j) prefetch_to_l2(next_rows + j * k, depth);
           }
           if (width < kPanelColumns) {
             std::fill(packed.begin(), packed.end(), 0.0f);
